@@ -1,0 +1,133 @@
+"""Hierarchical backbone: stem -> 4 stages of attention blocks -> norm -> pooled head."""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from timm.layers import ClassifierHead, PatchEmbed, trunc_normal_
+
+from .attention import AttnSpec
+from .blocks import Stage
+
+IntOrSeq = Union[int, Sequence[int]]
+
+
+def per_stage(value: Any, num_stages: int) -> list:
+    """Broadcast a scalar (or a per-stage list) to one entry per stage."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value] * num_stages
+
+
+class VisionAttnTransformer(nn.Module):
+    """Swin-style hierarchical transformer whose blocks use any registered attention kind.
+
+    State-dict names follow timm's ``SwinTransformer`` (``patch_embed``, ``layers.i.blocks.j``,
+    ``norm``, ``head.fc``), so timm Swin weights load directly.
+    """
+
+    def __init__(
+        self,
+        img_size: IntOrSeq = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        block_pattern: Sequence[str] = ("window", "shifted_window"),
+        window_size: IntOrSeq = 7,
+        kernel_size: IntOrSeq = 7,
+        dilations: Optional[Sequence[Sequence[int]]] = None,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        rel_pos_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        layer_scale_init_value: Optional[float] = None,
+        global_pool: str = "avg",
+    ) -> None:
+        super().__init__()
+        n = len(depths)
+        self.num_classes = num_classes
+        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            norm_layer=nn.LayerNorm,
+            output_fmt="NHWC",
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
+        windows, kernels = per_stage(window_size, n), per_stage(kernel_size, n)
+        dilations = dilations or [[1]] * n
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        dims = [int(embed_dim * 2**i) for i in range(n)]
+        stages, in_dim, reduction = [], embed_dim, patch_size
+        self.feature_info = []
+        for i in range(n):
+            specs = [
+                AttnSpec(windows[i], kernels[i], d, qkv_bias, attn_drop_rate, proj_drop_rate, rel_pos_bias)
+                for d in per_stage(dilations[i], 1)
+            ]
+            stages.append(
+                Stage(
+                    in_dim,
+                    dims[i],
+                    depths[i],
+                    num_heads[i],
+                    block_pattern,
+                    specs,
+                    downsample=i > 0,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
+                    layer_scale_init_value=layer_scale_init_value,
+                )
+            )
+            reduction *= 2 if i > 0 else 1
+            in_dim = dims[i]
+            self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
+        self.layers = nn.Sequential(*stages)
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Relative position bias tables get no weight decay (timm convention)."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` image -> normed ``(B, h, w, C)`` final feature map."""
+        return self.norm(self.layers(self.patch_embed(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

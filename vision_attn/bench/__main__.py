@@ -1,0 +1,29 @@
+"""Entry point: ``python -m vision_attn.bench <what> [options]``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHES = {
+    "attention": "vision_attn.bench.attention",
+    "model": "vision_attn.bench.model",
+    "data": "vision_attn.bench.data",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vision_attn.bench", description=__doc__)
+    parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run")
+    args, rest = parser.parse_known_args(argv)
+    try:
+        module = importlib.import_module(BENCHES[args.what])
+    except ModuleNotFoundError as e:
+        if e.name != BENCHES[args.what]:
+            raise
+        parser.error(f"benchmark {args.what!r} is not implemented yet ({BENCHES[args.what]})")
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Transformer block and stage on channels-last ``(B, H, W, C)`` maps."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from timm.layers import DropPath, LayerScale, Mlp
+from timm.models._manipulate import checkpoint_seq
+from timm.models.swin_transformer import PatchMerging
+
+from .attention import AttnSpec, create_attention
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention of any registered kind, then an MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kind: str,
+        spec: AttnSpec,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        layer_scale_init_value: Optional[float] = None,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        ls = (lambda: LayerScale(dim, layer_scale_init_value)) if layer_scale_init_value else nn.Identity
+        self.norm1 = norm_layer(dim)
+        self.attn = create_attention(kind, dim, num_heads, spec)
+        self.ls1 = ls()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=spec.proj_drop)
+        self.ls2 = ls()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class Stage(nn.Module):
+    """Optional 2x downsampling, then ``depth`` blocks cycling over ``pattern``."""
+
+    def __init__(
+        self,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        num_heads: int,
+        pattern: Sequence[str],
+        specs: Sequence[AttnSpec],
+        downsample: bool,
+        mlp_ratio: float = 4.0,
+        drop_path: Sequence[float] = (),
+        layer_scale_init_value: Optional[float] = None,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+    ) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = PatchMerging(dim, out_dim, norm_layer) if downsample else nn.Identity()
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    out_dim,
+                    num_heads,
+                    pattern[i % len(pattern)],
+                    specs[i % len(specs)],
+                    mlp_ratio,
+                    drop_path[i] if drop_path else 0.0,
+                    layer_scale_init_value,
+                    norm_layer,
+                )
+                for i in range(depth)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)

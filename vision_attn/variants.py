@@ -1,0 +1,99 @@
+"""Named variants (attention pattern) x sizes (widths, depths) -> ``create_model``."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from .attention import attention_kinds
+from .backbone import VisionAttnTransformer
+from .errors import ConfigError
+
+# Attention pattern per variant; it cycles over each stage's blocks.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "swin": dict(block_pattern=["window", "shifted_window"]),
+    "swin_window": dict(block_pattern=["window"]),
+    "swin_local": dict(block_pattern=["neighborhood"]),
+    "swin_dilated": dict(block_pattern=["neighborhood", "dilated"]),
+    "swin_global": dict(block_pattern=["global"]),
+    "maxvit_like": dict(block_pattern=["window", "grid"]),
+}
+
+# Swin-T/S/B for tiny/small/base; pico and nano train in minutes on a 2-core CPU.
+SIZES: dict[str, dict[str, Any]] = {
+    "pico": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, kernel_size=5),
+    "nano": dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[2, 4, 8, 16], window_size=4, kernel_size=5),
+    "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7),
+    "small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7),
+    "base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, kernel_size=7),
+}
+
+# DiNAT-style dilations per stage (cycled over a stage's blocks) for the dilated variant.
+DILATIONS: dict[str, list[list[int]]] = {
+    "pico": [[1, 2], [1, 1], [1], [1]],
+    "nano": [[1, 2], [1, 1], [1], [1]],
+    "tiny": [[1, 8], [1, 4], [1, 2], [1]],
+    "small": [[1, 8], [1, 4], [1, 2], [1]],
+    "base": [[1, 8], [1, 4], [1, 2], [1]],
+}
+
+_BACKBONE_KEYS = set(inspect.signature(VisionAttnTransformer).parameters)
+
+
+def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str, Any]:
+    """Resolve variant + size + overrides (None = keep the default) into backbone kwargs."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown model variant {variant!r} (model.variant); choose one of {sorted(VARIANTS)}")
+    if size not in SIZES:
+        raise ConfigError(f"unknown model.size={size!r}; choose one of {list(SIZES)}")
+    kwargs: dict[str, Any] = {**SIZES[size], **VARIANTS[variant]}
+    if "dilated" in kwargs["block_pattern"]:
+        kwargs["dilations"] = DILATIONS[size]
+    for key, value in overrides.items():
+        if key not in _BACKBONE_KEYS:
+            raise ConfigError(f"unknown model key model.{key}; valid keys: {sorted(_BACKBONE_KEYS)}")
+        if value is not None:
+            kwargs[key] = value
+    validate(kwargs)
+    return kwargs
+
+
+def _positive(kwargs: dict[str, Any], key: str) -> None:
+    values = kwargs[key] if isinstance(kwargs[key], (list, tuple)) else [kwargs[key]]
+    for v in values:
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"model.{key}={kwargs[key]} must be a positive integer (or one per stage)")
+
+
+def validate(kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ConfigError` naming the key for any inconsistent model setting."""
+    for key in ("embed_dim", "window_size", "kernel_size", "patch_size"):
+        if key in kwargs:
+            _positive(kwargs, key)
+    depths, heads = list(kwargs["depths"]), list(kwargs["num_heads"])
+    if len(depths) != len(heads):
+        raise ConfigError(f"model.depths={depths} and model.num_heads={heads} must have one entry per stage")
+    for i, h in enumerate(heads):
+        dim = kwargs["embed_dim"] * 2**i
+        if not isinstance(h, int) or h < 1 or dim % h:
+            raise ConfigError(
+                f"model.num_heads[{i}]={h} does not divide stage {i}'s width {dim} "
+                f"(model.embed_dim * 2**{i}); pick a divisor of {dim}"
+            )
+    rate = kwargs.get("drop_path_rate", 0.0)
+    if not 0.0 <= rate < 1.0:
+        raise ConfigError(f"model.drop_path_rate={rate} must be in [0, 1)")
+    unknown = [k for k in kwargs["block_pattern"] if k not in attention_kinds()]
+    if unknown:
+        raise ConfigError(f"model.block_pattern has unknown attention kinds {unknown}; registered: {attention_kinds()}")
+
+
+def create_model(
+    variant: str = "swin",
+    size: str = "tiny",
+    num_classes: int = 1000,
+    img_size: int | tuple[int, int] = 224,
+    **overrides: Any,
+) -> VisionAttnTransformer:
+    """Build a backbone by variant and size; any backbone argument can be overridden."""
+    kwargs = model_kwargs(variant, size, **overrides)
+    return VisionAttnTransformer(img_size=img_size, num_classes=num_classes, **kwargs)
