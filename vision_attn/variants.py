@@ -20,8 +20,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 # Swin-T/S/B for tiny/small/base; pico and nano train in minutes on a 2-core CPU.
 SIZES: dict[str, dict[str, Any]] = {
-    "pico": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, kernel_size=5),
-    "nano": dict(embed_dim=48, depths=[2, 2, 2, 2], num_heads=[2, 4, 8, 16], window_size=4, kernel_size=5),
+    "pico": dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4, kernel_size=5),
+    "nano": dict(embed_dim=48, depths=[2, 2, 4, 2], num_heads=[2, 4, 8, 16], window_size=4, kernel_size=5),
     "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7),
     "small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7),
     "base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, kernel_size=7),

@@ -1,0 +1,1 @@
+"""Datasets, LightningDataModules and transforms."""

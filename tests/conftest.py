@@ -1,0 +1,35 @@
+"""Shared fixtures: run dirs, a clean environment for subprocess runs of train.py."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` in a subprocess with W&B forced offline-capable and no key."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    clean.update({"HOME": str(tmp_path / "home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")})
+    clean.update({"WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_DATA_DIR": str(tmp_path / "wandb_data")})
+    clean.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def train_runner(tmp_path):
+    def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+        return run_train(list(args), tmp_path, env)
+
+    return run

@@ -1,0 +1,86 @@
+"""The embedded ``shapes`` dataset: determinism, labels from geometry, far-apart objects, splits."""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data.datamodule import ShapesDataModule
+from data.shapes import CLASSES, ShapesDataset, render
+from vision_attn.errors import ConfigError
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return xs.mean() + 0.5, ys.mean() + 0.5
+
+
+def objects(img: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centres of the red disk and the blue square, found from the pixels alone."""
+    r, g, b = (img[..., i].astype(int) for i in range(3))
+    return centroid((r > 150) & (b < 120)), centroid((b > 150) & (r < 120))
+
+
+def test_at_least_eight_classes_all_present():
+    labels = {render(0, "train", i, 32)[1] for i in range(400)}
+    assert len(CLASSES) >= 8 and labels == set(range(len(CLASSES)))
+
+
+@pytest.mark.parametrize("size", [48, 64, 96])
+def test_label_is_the_direction_between_two_far_apart_objects(size):
+    window_px = 4 * 4  # pico: patch 4 x window 4
+    for i in range(60):
+        img, label = render(3, "val", i, size)
+        (ax, ay), (bx, by) = objects(img)
+        angle = math.degrees(math.atan2(ay - by, bx - ax)) % 360  # image y points down
+        assert round(angle / 45) % 8 == label, (i, angle, label)
+        dist = math.hypot(bx - ax, by - ay)
+        assert dist >= 0.38 * size
+        if size >= 64:  # no stage-1 window of the default model can hold both centres
+            assert max(abs(bx - ax), abs(by - ay)) > window_px
+
+
+def test_deterministic_in_seed_split_index():
+    a, la = render(7, "train", 123, 40)
+    b, lb = render(7, "train", 123, 40)
+    c, _ = render(8, "train", 123, 40)
+    assert np.array_equal(a, b) and la == lb
+    assert not np.array_equal(a, c)
+    ds = ShapesDataset("train", 200, 40, seed=7, cache=False)
+    assert torch.equal(ds[123][0], torch.from_numpy(a).permute(2, 0, 1))
+
+
+def test_splits_do_not_overlap():
+    def hashes(split: str) -> set[str]:
+        return {hashlib.sha1(render(0, split, i, 24)[0].tobytes()).hexdigest() for i in range(300)}
+
+    train, val, test = hashes("train"), hashes("val"), hashes("test")
+    assert len(train) == 300
+    assert not (train & val) and not (train & test) and not (val & test)
+
+
+@pytest.mark.parametrize("size", [17, 32, 100])
+def test_any_resolution(size):
+    img, _ = render(0, "test", 0, size)
+    assert img.shape == (size, size, 3) and img.dtype == np.uint8
+
+
+def test_datamodule_normalises_on_device_after_transfer():
+    dm = ShapesDataModule(image_size=32, batch_size=16, train_size=32, val_size=16, test_size=16)
+    dm.setup()
+    images, targets = next(iter(dm.train_dataloader()))
+    assert images.dtype == torch.uint8 and images.shape == (16, 3, 32, 32)
+    x, y = dm.on_after_batch_transfer((images, targets), 0)
+    mean = torch.tensor(dm.mean).view(1, 3, 1, 1)
+    std = torch.tensor(dm.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(x, (images.float() / 255 - mean) / std)
+    assert torch.equal(y, targets)
+
+
+@pytest.mark.parametrize("key,value", [("image_size", 0), ("batch_size", -4), ("train_size", 0)])
+def test_bad_data_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"data.{key}"):
+        ShapesDataModule(**{key: value})

@@ -1,0 +1,71 @@
+"""End-to-end: train.py composed by Hydra leaves a W&B offline run we can read back."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+TINY = [
+    "trainer=debug",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.train_size=64",
+    "data.val_size=32",
+    "data.test_size=32",
+    "model.embed_dim=16",
+    "callbacks.throughput.window_size=2",
+]
+
+
+def inspect_wandb(run_dir: Path) -> dict:
+    """``python -m wandb leet inspect --summary --json`` on the offline run under ``run_dir``."""
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected one offline run in {run_dir / 'wandb'}, found {runs}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(runs[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_training_run_leaves_an_offline_wandb_run_with_metrics_and_resolved_config(train_runner, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train_runner(*TINY, "model=swin", "seed=5", f"hydra.run.dir={run_dir}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "final metrics:" in out and "epoch 0 val/acc1=" in out  # plain progress lines off a tty
+
+    run = inspect_wandb(run_dir)
+    assert run["state"] == "finished" and run["exit_code"] == 0
+    summary = run["summary"]
+    for key in ("val/acc1", "val/acc5", "val/loss", "train/loss_epoch", "test/acc1", "model/params", "model/gflops"):
+        assert key in summary, f"{key} missing from W&B summary {sorted(summary)}"
+    assert 0.0 <= float(summary["val/acc1"]) <= 1.0
+    assert any(k.startswith("lr-") for k in summary) and "train/device/samples_per_sec" in summary
+    config = run["config"]
+    # The resolved config: interpolations are filled in, overrides applied.
+    assert config["model"]["variant"] == "swin" and config["model"]["embed_dim"] == 16
+    assert config["seed"] == 5 and config["data"]["image_size"] == 32
+    assert config["module"]["img_size"] == 32 and config["run_name"] == "swin-pico-seed5"
+    assert set(run["tags"]) >= {"swin", "pico", "shapes"}
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+
+
+def test_csv_logger_writes_metrics_and_throughput(train_runner, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train_runner(*TINY, "logger=csv", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    columns = set(rows[0])
+    assert {"val/acc1", "val/loss", "train/loss_step", "lr-AdamW/pg1", "train/device/samples_per_sec"} <= columns
+    assert not (run_dir / "wandb").exists()
+    throughput = [float(r["train/device/samples_per_sec"]) for r in rows if r["train/device/samples_per_sec"]]
+    assert throughput and all(t > 0 for t in throughput)

@@ -1,0 +1,102 @@
+"""LightningModule: image classification with any backbone variant."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+import torch
+from torch import nn
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torchmetrics.classification import MulticlassAccuracy
+
+from .summary import summarize
+from .variants import create_model
+
+
+class ClassificationModule(L.LightningModule):
+    """Cross-entropy (label smoothing), timm AdamW, per-step cosine schedule with warmup.
+
+    ``model`` holds the model config (``variant``, ``size`` and overrides, see
+    :func:`vision_attn.create_model`); ``optim`` holds ``opt, lr, weight_decay, warmup_epochs,
+    warmup_lr, min_lr, label_smoothing``. Both are stored as plain containers in checkpoints.
+    """
+
+    def __init__(self, model: dict[str, Any], num_classes: int, img_size: int, optim: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.model = create_model(num_classes=num_classes, img_size=img_size, **model)
+        self.optim = dict(optim)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.optim.get("label_smoothing", 0.0))
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict(
+            {
+                f"{split}_acc{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                for split in ("train", "val", "test")
+                for k in sorted({1, top5})
+            }
+        )
+        self._top_ks = sorted({1, top5})
+        self.img_size = img_size
+
+    def setup(self, stage: str) -> None:
+        """Print and log the model summary; give the throughput monitor its FLOPs."""
+        if stage != "fit":
+            return
+        summary = summarize(self.model, self.img_size)
+        self.flops_per_batch = int(3 * 2e9 * summary.gflops * getattr(self.trainer.datamodule, "batch_size", 1))
+        rank_zero_info(f"model: {self.hparams['model'].get('variant')} {self.hparams['model'].get('size')}: {summary}")
+        for logger in self.loggers:
+            logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        on_step = split == "train"
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(images))
+        for k in self._top_ks:
+            metric = self.metrics[f"{split}_acc{k}"]
+            metric(logits.detach(), targets)
+            show = k == 1
+            self.log(f"{split}/acc{k}", metric, on_step=on_step, on_epoch=True, prog_bar=show, batch_size=len(images))
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def _warmup_steps(self, total_steps: int) -> int:
+        epochs = float(self.optim.get("warmup_epochs", 0.0))
+        max_epochs = self.trainer.max_epochs if self.trainer else None
+        if not epochs or not max_epochs or max_epochs < 1:
+            return 0
+        return min(int(epochs * total_steps / max_epochs), max(total_steps - 1, 0))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.optim
+        optimizer = create_optimizer_v2(
+            self.model, opt=o.get("opt", "adamw"), lr=o["lr"], weight_decay=o["weight_decay"], foreach=True
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=total,
+            lr_min=o.get("min_lr", 0.0),
+            warmup_t=self._warmup_steps(total),
+            warmup_lr_init=o.get("warmup_lr", 0.0),
+            t_in_epochs=False,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: CosineLRScheduler, metric: Optional[Any]) -> None:
+        scheduler.step_update(num_updates=self.global_step)
