@@ -1,0 +1,72 @@
+"""LightningModule: no weight decay on bias tables and norms, warmup + cosine per step, metrics."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+
+from data.datamodule import ShapesDataModule
+from vision_attn.module import ClassificationModule
+
+MODEL = dict(variant="swin", size="pico", embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=2)
+OPTIM = dict(lr=1e-2, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-4, min_lr=1e-5, label_smoothing=0.1)
+
+
+class RecordLR(L.Callback):
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def fit(max_epochs: int = 2, batches: int = 5, **trainer_kwargs) -> tuple[ClassificationModule, RecordLR, L.Trainer]:
+    module = ClassificationModule(MODEL, num_classes=8, img_size=16, optim=OPTIM)
+    dm = ShapesDataModule(image_size=16, batch_size=8, train_size=8 * batches, val_size=8, test_size=8)
+    record = RecordLR()
+    trainer = L.Trainer(
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[record],
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, record, trainer
+
+
+def test_warmup_then_cosine_per_step():
+    _, record, _ = fit(max_epochs=2, batches=5)
+    total, warmup = 10, 2  # 0.5 of 2 epochs x 5 steps
+    lr, wl, lo = OPTIM["lr"], OPTIM["warmup_lr"], OPTIM["min_lr"]
+    expected = [
+        wl + t * (lr - wl) / warmup if t < warmup else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * t / total))
+        for t in range(total)
+    ]
+    assert record.lrs == pytest.approx(expected, rel=1e-6)
+
+
+def test_bias_tables_norms_and_biases_get_no_weight_decay():
+    module, _, trainer = fit(max_epochs=1, batches=1)
+    groups = trainer.optimizers[0].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] == OPTIM["weight_decay"] for p in g["params"]}
+    assert "layers.0.blocks.0.attn.relative_position_bias_table" in no_decay
+    assert "layers.0.blocks.0.norm1.weight" in no_decay and "head.fc.bias" in no_decay
+    assert "layers.0.blocks.0.attn.qkv.weight" in decay and "head.fc.weight" in decay
+    assert not any("relative_position_bias_table" in n or "norm" in n for n in decay)
+
+
+def test_loss_uses_label_smoothing_and_metrics_are_top1_top5():
+    module = ClassificationModule(MODEL, num_classes=8, img_size=16, optim=OPTIM)
+    assert module.criterion.label_smoothing == OPTIM["label_smoothing"]
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0, -1.0, -2.0, -3.0, -4.0]] * 2)
+    targets = torch.tensor([1, 4])  # sample 2: true class ranks 5th
+    assert module.metrics["val_acc1"](logits, targets).item() == 0.5
+    assert module.metrics["val_acc5"](logits, targets).item() == 1.0
