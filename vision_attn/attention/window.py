@@ -126,7 +126,23 @@ def windowed_sdpa(
             mask = mask.masked_fill(~allowed[:, None], float("-inf"))  # (nW, heads, N, N)
     elif allowed is not None:
         mask = allowed[:, None]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
+        # Training the bias: SDPA's math path on 5-D inputs broadcasts the mask over the batch,
+        # so its gradient is reduced once instead of materialising (B*nW, heads, N, N).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    # Otherwise fold (B, nW) into one batch dim: 4-D inputs reach the fused (flash) CPU/GPU kernels.
+    B, nW, nh, N, D = q.shape
+    if mask is not None:
+        mask = mask.expand(B, nW, *mask.shape[-3:]).reshape(B * nW, -1, N, N)
+    out = F.scaled_dot_product_attention(
+        q.reshape(B * nW, nh, N, D),
+        k.reshape(B * nW, nh, N, D),
+        v.reshape(B * nW, nh, N, D),
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        scale=scale,
+    )
+    return out.view(B, nW, nh, N, D)
 
 
 def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
