@@ -5,10 +5,12 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
-from timm.layers import ClassifierHead, PatchEmbed, trunc_normal_
+from timm.layers import ClassifierHead, trunc_normal_
+from timm.models._features import feature_take_indices
 
 from .attention import AttnSpec
 from .blocks import Stage
+from .stems import create_stem
 
 IntOrSeq = Union[int, Sequence[int]]
 
@@ -48,27 +50,20 @@ class VisionAttnTransformer(nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.1,
         layer_scale_init_value: Optional[float] = None,
+        stem: str = "patch",
+        downsample: str = "merge",
         global_pool: str = "avg",
     ) -> None:
         super().__init__()
         n = len(depths)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            norm_layer=nn.LayerNorm,
-            output_fmt="NHWC",
-            strict_img_size=False,
-            dynamic_img_pad=True,
-        )
+        self.patch_embed = create_stem(stem, img_size, patch_size, in_chans, embed_dim)
         windows, kernels = per_stage(window_size, n), per_stage(kernel_size, n)
         dilations = dilations or [[1]] * n
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         dims = [int(embed_dim * 2**i) for i in range(n)]
-        stages, in_dim, reduction = [], embed_dim, patch_size
+        stages, in_dim, reduction = [], embed_dim, patch_size if stem == "patch" else 4
         self.feature_info = []
         for i in range(n):
             specs = [
@@ -83,7 +78,7 @@ class VisionAttnTransformer(nn.Module):
                     num_heads[i],
                     block_pattern,
                     specs,
-                    downsample=i > 0,
+                    downsample=downsample if i > 0 else None,
                     mlp_ratio=mlp_ratio,
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                     layer_scale_init_value=layer_scale_init_value,
@@ -114,6 +109,31 @@ class VisionAttnTransformer(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, list[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Per-stage feature maps for dense tasks (timm API). ``NCHW`` or ``NHWC``."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.layers), indices)
+        stages = self.layers[: max_index + 1] if stop_early else self.layers
+        intermediates = []
+        x = self.patch_embed(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                y = self.norm(x) if norm and i == len(self.layers) - 1 else x
+                intermediates.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` image -> normed ``(B, h, w, C)`` final feature map."""

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from timm.layers import DropPath, LayerScale, Mlp
 from timm.models._manipulate import checkpoint_seq
-from timm.models.swin_transformer import PatchMerging
 
 from .attention import AttnSpec, create_attention
+from .stems import create_downsample
 
 
 class Block(nn.Module):
@@ -43,7 +43,7 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    """Optional 2x downsampling, then ``depth`` blocks cycling over ``pattern``."""
+    """Optional 2x downsampling (``merge`` or ``conv``), then ``depth`` blocks cycling over ``pattern``."""
 
     def __init__(
         self,
@@ -53,7 +53,7 @@ class Stage(nn.Module):
         num_heads: int,
         pattern: Sequence[str],
         specs: Sequence[AttnSpec],
-        downsample: bool,
+        downsample: str | None,
         mlp_ratio: float = 4.0,
         drop_path: Sequence[float] = (),
         layer_scale_init_value: Optional[float] = None,
@@ -61,7 +61,7 @@ class Stage(nn.Module):
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = PatchMerging(dim, out_dim, norm_layer) if downsample else nn.Identity()
+        self.downsample = create_downsample(downsample, dim, out_dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(
             *[
                 Block(

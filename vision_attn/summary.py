@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -26,7 +27,8 @@ def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int =
     x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # The math SDPA backend decomposes into matmuls the counter sees on every device.
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())

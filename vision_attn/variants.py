@@ -8,23 +8,40 @@ from .attention import attention_kinds
 from .backbone import VisionAttnTransformer
 from .errors import ConfigError
 
-# Attention pattern per variant; it cycles over each stage's blocks.
+# Attention pattern per variant (it cycles over each stage's blocks) and its size family.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "swin": dict(block_pattern=["window", "shifted_window"]),
-    "swin_window": dict(block_pattern=["window"]),
-    "swin_local": dict(block_pattern=["neighborhood"]),
-    "swin_dilated": dict(block_pattern=["neighborhood", "dilated"]),
-    "swin_global": dict(block_pattern=["global"]),
-    "maxvit_like": dict(block_pattern=["window", "grid"]),
+    "swin": dict(block_pattern=["window", "shifted_window"], family="swin"),
+    "swin_window": dict(block_pattern=["window"], family="swin"),
+    "swin_local": dict(block_pattern=["neighborhood"], family="nat"),
+    "swin_dilated": dict(block_pattern=["neighborhood", "dilated"], family="nat"),
+    "swin_global": dict(block_pattern=["global"], family="swin"),
+    "maxvit_like": dict(block_pattern=["window", "grid"], family="swin"),
 }
 
-# Swin-T/S/B for tiny/small/base; pico and nano train in minutes on a 2-core CPU.
+# Swin-T/S/B for tiny/small/base; pico and nano train in minutes on a 2-core CPU and are
+# shared by every variant, so small ablations compare attention kinds alone.
+_SMALL = dict(stem="patch", downsample="merge", mlp_ratio=4.0)
 SIZES: dict[str, dict[str, Any]] = {
-    "pico": dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4, kernel_size=5),
-    "nano": dict(embed_dim=48, depths=[2, 2, 4, 2], num_heads=[2, 4, 8, 16], window_size=4, kernel_size=5),
-    "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7),
-    "small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7),
-    "base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, kernel_size=7),
+    "pico": dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=4, kernel_size=5,
+                 drop_path_rate=0.1, **_SMALL),
+    "nano": dict(embed_dim=48, depths=[2, 2, 4, 2], num_heads=[2, 4, 8, 16], window_size=4, kernel_size=5,
+                 drop_path_rate=0.1, **_SMALL),
+    "tiny": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7,
+                 drop_path_rate=0.2, **_SMALL),
+    "small": dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, kernel_size=7,
+                  drop_path_rate=0.3, **_SMALL),
+    "base": dict(embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7, kernel_size=7,
+                 drop_path_rate=0.5, **_SMALL),
+}
+
+# NAT-T/S/B (and DiNAT) shapes for the local kinds: conv tokenizer and downsampler.
+_NAT = dict(stem="conv", downsample="conv", depths=[3, 4, 18, 5], window_size=7, kernel_size=7)
+NAT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=64, num_heads=[2, 4, 8, 16], mlp_ratio=3.0, drop_path_rate=0.2, **_NAT),
+    "small": dict(embed_dim=96, num_heads=[3, 6, 12, 24], mlp_ratio=2.0, drop_path_rate=0.3,
+                  layer_scale_init_value=1e-5, **_NAT),
+    "base": dict(embed_dim=128, num_heads=[4, 8, 16, 32], mlp_ratio=2.0, drop_path_rate=0.5,
+                 layer_scale_init_value=1e-5, **_NAT),
 }
 
 # DiNAT-style dilations per stage (cycled over a stage's blocks) for the dilated variant.
@@ -36,6 +53,14 @@ DILATIONS: dict[str, list[list[int]]] = {
     "base": [[1, 8], [1, 4], [1, 2], [1]],
 }
 
+
+def size_defaults(variant: str, size: str) -> dict[str, Any]:
+    """Widths, depths and layer choices of ``size`` for the variant's family."""
+    if VARIANTS[variant]["family"] == "nat" and size in NAT_SIZES:
+        return dict(NAT_SIZES[size])
+    return dict(SIZES[size])
+
+
 _BACKBONE_KEYS = set(inspect.signature(VisionAttnTransformer).parameters)
 
 
@@ -45,7 +70,7 @@ def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str
         raise ConfigError(f"unknown model variant {variant!r} (model.variant); choose one of {sorted(VARIANTS)}")
     if size not in SIZES:
         raise ConfigError(f"unknown model.size={size!r}; choose one of {list(SIZES)}")
-    kwargs: dict[str, Any] = {**SIZES[size], **VARIANTS[variant]}
+    kwargs: dict[str, Any] = {**size_defaults(variant, size), "block_pattern": VARIANTS[variant]["block_pattern"]}
     if "dilated" in kwargs["block_pattern"]:
         kwargs["dilations"] = DILATIONS[size]
     for key, value in overrides.items():
@@ -92,8 +117,20 @@ def create_model(
     size: str = "tiny",
     num_classes: int = 1000,
     img_size: int | tuple[int, int] = 224,
+    pretrained: str | None = None,
+    grad_checkpointing: bool = False,
     **overrides: Any,
 ) -> VisionAttnTransformer:
-    """Build a backbone by variant and size; any backbone argument can be overridden."""
+    """Build a backbone by variant and size; any backbone argument can be overridden.
+
+    ``pretrained`` is a timm model name (weights download through timm) or a local
+    checkpoint / state-dict path; bias tables are resized and a mismatched head is left fresh.
+    """
     kwargs = model_kwargs(variant, size, **overrides)
-    return VisionAttnTransformer(img_size=img_size, num_classes=num_classes, **kwargs)
+    model = VisionAttnTransformer(img_size=img_size, num_classes=num_classes, **kwargs)
+    if pretrained:
+        from .pretrained import load_pretrained
+
+        load_pretrained(model, pretrained)
+    model.set_grad_checkpointing(grad_checkpointing)
+    return model

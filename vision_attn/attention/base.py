@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .registry import AttnSpec
+from .rel_pos import resize_bias_table
 
 
 class QKVAttention(nn.Module):
@@ -40,3 +41,11 @@ class QKVAttention(nn.Module):
     @property
     def dropout_p(self) -> float:
         return self.attn_drop if self.training else 0.0
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Resize a checkpoint's bias table (bicubic) when the window/kernel size differs."""
+        key = prefix + "relative_position_bias_table"
+        table = getattr(self, "relative_position_bias_table", None)
+        if key in state_dict and table is not None and state_dict[key].shape != table.shape:
+            state_dict[key] = resize_bias_table(state_dict[key], int(round(table.shape[0] ** 0.5) + 1) // 2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

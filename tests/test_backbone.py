@@ -1,0 +1,146 @@
+"""Backbone family: timm interoperability, any resolution, timm-style surface, checkpoints."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+
+import vision_attn as va
+from vision_attn.errors import ConfigError
+from vision_attn.summary import summarize
+from vision_attn.timm_models import NAMES, timm_name
+
+SWIN_KINDS = ["swin", "swin_window", "swin_global", "maxvit_like"]
+LOCAL_KINDS = ["swin_local", "swin_dilated"]
+
+
+def tiny_timm_swin(img: int = 64, window: int = 4, classes: int = 7) -> SwinTransformer:
+    torch.manual_seed(0)
+    model = SwinTransformer(
+        img_size=img, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=window, num_classes=classes
+    )
+    for name, p in model.named_parameters():  # make the bias tables and the head matter
+        if "relative_position_bias_table" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize(
+    "build,img",
+    [
+        (lambda: tiny_timm_swin(64, 4), 64),
+        (lambda: tiny_timm_swin(128, 8), 128),  # stage maps 32,16,8,4: last stage shrinks to 4
+        (lambda: tiny_timm_swin(96, 6), 96),
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=10), 224),
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=112, num_classes=3), 112),
+    ],
+)
+def test_from_timm_gives_identical_outputs(build, img):
+    theirs = build().eval()
+    ours = va.from_timm(theirs).eval()
+    x = torch.randn(2, 3, img, img)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-4
+        torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), atol=1e-4, rtol=0)
+    gx = [torch.autograd.grad(m(x).square().sum(), m.patch_embed.proj.weight)[0] for m in (ours, theirs)]
+    torch.testing.assert_close(gx[0], gx[1], atol=1e-4, rtol=1e-4)
+
+
+def test_every_variant_and_size_is_in_timm_registry():
+    names = set(timm.list_models(f"{va.timm_models.PREFIX}*"))
+    assert names == set(NAMES) and len(NAMES) == len(va.VARIANTS) * len(va.SIZES)
+    model = timm.create_model(timm_name("swin", "pico"), num_classes=5, img_size=64)
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    cfg = timm.data.resolve_model_data_config(model)
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.9 and cfg["interpolation"] == "bicubic"
+
+
+def test_features_only_gives_multiscale_maps():
+    model = timm.create_model(timm_name("swin", "pico"), features_only=True, img_size=64)
+    maps = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 16), (2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+    assert model.feature_info.reduction() == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("variant", SWIN_KINDS)
+@pytest.mark.parametrize("hw", [(50, 70), (65, 47), (32, 32)])
+def test_any_input_resolution(variant, hw):
+    model = va.create_model(variant, "pico", num_classes=3, img_size=64).eval()
+    x = torch.randn(2, 3, *hw)
+    assert model(x).shape == (2, 3)
+    h, w = -(-hw[0] // 4), -(-hw[1] // 4)
+    shapes = []
+    for _ in range(4):
+        shapes.append((h, w))
+        h, w = -(-h // 2), -(-w // 2)
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(m.shape[-2:]) for m in maps] == shapes
+
+
+def test_bias_tables_resize_bicubic_when_loading_a_different_window():
+    small = va.create_model("swin", "pico", num_classes=4, img_size=64, window_size=4)
+    table = small.layers[0].blocks[1].attn.relative_position_bias_table.detach()  # (49, 1)
+    large = va.create_model("swin", "pico", num_classes=4, img_size=64, window_size=6)
+    large.load_state_dict(small.state_dict(), strict=True)
+    got = large.layers[0].blocks[1].attn.relative_position_bias_table.detach()
+    expected = F.interpolate(table.T.reshape(1, 1, 7, 7), size=(11, 11), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(got, expected.reshape(1, 121).T)
+    assert large(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_pretrained_from_a_local_state_dict(tmp_path):
+    theirs = tiny_timm_swin(64, 4, classes=7)
+    path = tmp_path / "swin.pth"
+    torch.save(theirs.state_dict(), path)
+    # timm shrank the last stage's window to its 2x2 map: give ours the same per-stage windows.
+    kw = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=[4, 4, 4, 2])
+    same = va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **kw).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (same(x) - theirs(x)).abs().max() <= 1e-5
+    # Fine-tuning: another class count keeps a fresh head, a bigger window resizes the tables.
+    ft = va.create_model("swin", "pico", num_classes=3, img_size=64, pretrained=str(path), **{**kw, "window_size": 8})
+    torch.testing.assert_close(ft.patch_embed.proj.weight, theirs.patch_embed.proj.weight)
+    assert ft.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 1)
+    assert ft.head.fc.out_features == 3
+
+
+def test_pretrained_unknown_name_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.pretrained='no_such_model'"):
+        va.create_model("swin", "pico", num_classes=3, img_size=32, pretrained="no_such_model")
+
+
+def test_timm_surface_no_weight_decay_and_grad_checkpointing():
+    model = va.create_model("swin", "pico", num_classes=3, img_size=32, drop_path_rate=0.0)
+    tables = {n for n, _ in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    assert tables and model.no_weight_decay() == tables
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    g_ref = torch.autograd.grad(ref.sum(), model.patch_embed.proj.weight)[0]
+    model.set_grad_checkpointing(True)
+    assert all(stage.grad_checkpointing for stage in model.layers)
+    out = model(x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), model.patch_embed.proj.weight)[0], g_ref)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+    assert model.pretrained_cfg["classifier"] == "head.fc" if hasattr(model, "pretrained_cfg") else True
+
+
+def test_swin_tiny_matches_the_paper_shapes():
+    ours = va.create_model("swin", "tiny", num_classes=1000)
+    theirs = timm.create_model("swin_tiny_patch4_window7_224")
+    s = summarize(ours, 224)
+    assert s.params == sum(p.numel() for p in theirs.parameters()) == 28_288_354
+    assert s.gflops == pytest.approx(4.49, abs=0.01)  # the paper's 4.5G
+
+
+def test_layer_scale_and_conv_stem_options():
+    model = va.create_model("swin", "pico", num_classes=3, img_size=32, layer_scale_init_value=1e-5, stem="conv",
+                            downsample="conv")
+    block = model.layers[1].blocks[0]
+    assert torch.all(block.ls1.gamma == 1e-5)
+    assert type(model.patch_embed).__name__ == "ConvTokenizer"
+    assert type(model.layers[1].downsample).__name__ == "ConvDownsample"
+    assert model(torch.randn(1, 3, 37, 45)).shape == (1, 3)

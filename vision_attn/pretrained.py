@@ -1,0 +1,95 @@
+"""Weights from elsewhere: timm Swin models, timm names, local checkpoints."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbone import VisionAttnTransformer
+from .errors import ConfigError
+from .variants import VARIANTS
+
+log = logging.getLogger(__name__)
+
+
+def _square(window: Any, where: str) -> int:
+    wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    if wh != ww:
+        raise ValueError(f"{where}: non-square window {window} is not supported")
+    return int(wh)
+
+
+def from_timm(model: nn.Module) -> VisionAttnTransformer:
+    """Our ``swin`` variant with the weights of a timm ``SwinTransformer`` (v1).
+
+    Per-stage window sizes are taken from timm's blocks (timm shrinks windows on small maps),
+    so the outputs are identical wherever the feature maps divide the windows.
+    """
+    if type(model).__name__ != "SwinTransformer":
+        raise TypeError(f"from_timm expects timm's SwinTransformer, got {type(model).__name__}")
+    stages = list(model.layers)
+    blocks = [stage.blocks[0] for stage in stages]
+    embed = model.patch_embed.proj
+    ours = VisionAttnTransformer(
+        img_size=model.patch_embed.img_size,
+        patch_size=embed.kernel_size[0],
+        in_chans=embed.in_channels,
+        num_classes=model.num_classes,
+        embed_dim=embed.out_channels,
+        depths=[len(stage.blocks) for stage in stages],
+        num_heads=[b.attn.num_heads for b in blocks],
+        block_pattern=VARIANTS["swin"]["block_pattern"],
+        window_size=[_square(b.window_size, f"stage {i}") for i, b in enumerate(blocks)],
+        mlp_ratio=blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features,
+        qkv_bias=blocks[0].attn.qkv.bias is not None,
+        drop_path_rate=0.0,
+        global_pool=model.head.global_pool.pool_type if hasattr(model.head.global_pool, "pool_type") else "avg",
+    )
+    ours.load_state_dict(model.state_dict(), strict=True)
+    return ours.train(model.training)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pth``/``.ckpt``/``.safetensors`` file (Lightning checkpoints too)."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
+    return {k.removeprefix("model."): v for k, v in obj.items()}  # LightningModule -> backbone
+
+
+def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True).state_dict()
+    except Exception as e:  # unknown name, no network, ...
+        raise ConfigError(
+            f"model.pretrained={name!r}: not a file and timm could not load it ({type(e).__name__}: {e}). "
+            "Pass a timm Swin name (e.g. swin_tiny_patch4_window7_224, needs network) or a local checkpoint path."
+        ) from e
+
+
+def load_pretrained(model: VisionAttnTransformer, source: str) -> None:
+    """Load weights by timm name or path; resize bias tables; keep a fresh head if shapes differ."""
+    state = _read_state_dict(source) if os.path.exists(source) else _timm_state_dict(source)
+    head = {k for k in ("head.fc.weight", "head.fc.bias") if k in state}
+    own = model.state_dict()
+    if any(k in own and state[k].shape != own[k].shape for k in head):
+        for k in head:
+            state.pop(k)
+        log.info("pretrained %s: classifier shape differs, the head stays freshly initialised", source)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("head.")]
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.pretrained={source!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
