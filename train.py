@@ -5,12 +5,16 @@ compose config -> instantiate DataModule, LightningModule, callbacks, loggers ->
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import time
 from typing import Any, Optional
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,8 +35,33 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dict[str, float], wall: float) -> None:
+    """``results.json`` in the run directory: what ``python -m vision_attn.review`` tabulates."""
+    ckpt = trainer.checkpoint_callback
+    best = ckpt.best_model_score if ckpt is not None and ckpt.best_model_score is not None else None
+    summary = getattr(module, "summary", None)
+    results = {
+        "variant": cfg.model.variant,
+        "size": cfg.model.size,
+        "data": HydraConfig.get().runtime.choices.get("data"),
+        "seed": cfg.seed,
+        "overrides": list(HydraConfig.get().overrides.task),
+        "params": summary.params if summary else None,
+        "gflops": summary.gflops if summary else None,
+        "best_val_acc1": float(best) if best is not None else metrics.get("val/acc1"),
+        "test_acc1": metrics.get("test/acc1"),
+        "images_per_sec": metrics.get("train/images_per_sec"),
+        "peak_mem_mb": metrics.get("train/peak_mem_mb"),
+        "wall_time_s": round(wall, 1),
+        "epochs": trainer.current_epoch,
+    }
+    with open(os.path.join(HydraConfig.get().runtime.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Fit, test the best checkpoint, and return the monitored metric."""
+    start = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
@@ -50,6 +79,7 @@ def train(cfg: DictConfig) -> Optional[float]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
+    write_results(cfg, trainer, module, metrics, time.monotonic() - start)
     return monitored
 
 

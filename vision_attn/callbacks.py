@@ -1,14 +1,18 @@
-"""Callbacks: progress reporting for terminals and for batch logs (CI, SLURM)."""
+"""Callbacks: progress for terminals and batch logs, throughput, peak memory, images."""
 from __future__ import annotations
 
 import os
+import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, ThroughputMonitor
-from lightning.pytorch.utilities import rank_zero_info
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from PIL import Image
 
 
 def _fmt(metrics: dict[str, Any], prefix: str) -> str:
@@ -64,6 +68,102 @@ def progress_bar(every_n_steps: int = 50) -> ProgressBar:
     return RichProgressBar() if interactive() else PlainProgressBar(every_n_steps)
 
 
-def throughput_monitor(window_size: int = 10) -> ThroughputMonitor:
-    """Lightning's throughput monitor: logs images/s (``train/samples_per_sec``)."""
-    return ThroughputMonitor(batch_size_fn=lambda batch: batch[0].shape[0], window_size=window_size)
+class Throughput(L.Callback):
+    """Training images/s, data loading included: ``train/images_per_sec`` (running epoch mean).
+
+    Lightning's ThroughputMonitor logs to the loggers only; this value also reaches
+    ``callback_metrics``, so ``results.json`` and sweepers can read it.
+    """
+
+    def __init__(self, log_every_n_steps: int = 10) -> None:
+        self.log_every_n_steps = log_every_n_steps
+        self._t0: Optional[float] = None
+        self._images = 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0, self._images = None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._images += batch[0].shape[0]
+        if batch_idx and batch_idx % self.log_every_n_steps == 0:
+            pl_module.log("train/images_per_sec", self.rate(), on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._images:
+            pl_module.log("train/images_per_sec", self.rate(), on_step=False, on_epoch=True)
+
+    def rate(self) -> float:
+        return self._images / max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: CUDA allocator peak on GPUs, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class PeakMemory(L.Callback):
+    """Logs ``train/peak_mem_mb`` at the end of every training epoch."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pl_module.log("train/peak_mem_mb", peak_memory_mb(pl_module.device), rank_zero_only=True)
+
+
+def log_image(trainer: L.Trainer, key: str, image: np.ndarray, out_dir: Optional[str], caption: str = "") -> None:
+    """Send an image to every image-capable logger (W&B) and save it as a PNG in ``out_dir``."""
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            extra = {"caption": [caption]} if caption else {}
+            logger.log_image(key=key, images=[image], step=trainer.global_step, **extra)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        Image.fromarray(image).save(os.path.join(out_dir, f"{key.replace('/', '_')}.png"))
+
+
+class ImageLogger(L.Callback):
+    """After each validation: a grid of predictions and attention maps over a validation image.
+
+    Two attention pictures: the receptive field of every registered kind at stage 1 (fresh
+    modules, uniform weights over the allowed keys) and this model's learned stage-1 weights.
+    """
+
+    def __init__(self, out_dir: Optional[str] = None, num_images: int = 16, every_n_epochs: int = 1) -> None:
+        self.out_dir, self.num_images, self.every_n_epochs = out_dir, num_images, every_n_epochs
+        self._batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self._batch = (batch[0][: self.num_images].detach(), batch[1][: self.num_images].detach())
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self._batch is None or trainer.current_epoch % self.every_n_epochs:
+            return
+        from .visualize import attention_figure, denormalize, kind_patterns, learned_maps, prediction_grid
+
+        images, targets = self._batch
+        dm = trainer.datamodule
+        classes = list(getattr(dm, "classes", [])) or [str(i) for i in range(pl_module.model.num_classes)]
+        was_training = pl_module.training
+        pl_module.eval()
+        with torch.no_grad():
+            preds = pl_module(images).argmax(-1)
+            maps, points = learned_maps(pl_module.model, images)
+        pl_module.train(was_training)
+        pixels = denormalize(images, dm.mean, dm.std)
+        log_image(trainer, "val/predictions", prediction_grid(pixels, targets.tolist(), preds.tolist(), classes),
+                  self.out_dir, "true → predicted")
+        log_image(trainer, "attention/learned", attention_figure(pixels[0], maps, points, "learned stage-1 attention"),
+                  self.out_dir)
+        attn = pl_module.model.layers[0].blocks[0].attn
+        h, w = next(iter(maps.values())).shape[-2:]
+        spec = dict(window_size=getattr(attn, "window_size", 7), kernel_size=getattr(attn, "kernel_size", 7))
+        patterns = kind_patterns(attn.dim, attn.num_heads, h, w, **spec)
+        log_image(trainer, "attention/patterns",
+                  attention_figure(pixels[0], patterns, points, "receptive field of each attention kind (stage 1)"),
+                  self.out_dir)

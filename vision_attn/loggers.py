@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import sys
 from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
@@ -25,6 +26,41 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
 
 
+def hydra_sweep() -> Optional[tuple[str, str]]:
+    """``(sweep group, job name from its overrides)`` inside a Hydra multirun job, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    sweep_dir = os.path.normpath(hc.sweep.dir)
+    group = "sweep-" + "_".join(sweep_dir.split(os.sep)[-2:])
+    varying = _swept_keys(sys.argv[1:]) | set((hc.sweeper.get("params") or {}).keys())
+    name = ",".join(o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in varying)
+    return group, name or hc.job.override_dirname or f"job{hc.job.num}"
+
+
+def _swept_keys(argv: list[str]) -> set[str]:
+    """Keys a multirun command line sweeps over (``key=a,b``, ``key=range(..)``, ``choice(..)``)."""
+    keys = set()
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, value = arg.split("=", 1)
+        depth, top_level_comma = 0, False
+        for ch in value:
+            depth += ch in "[({"
+            depth -= ch in "])}"
+            top_level_comma |= ch == "," and depth == 0
+        if top_level_comma or value.startswith(("range(", "choice(", "interval(", "glob(")):
+            keys.add(key.lstrip("+~"))
+    return keys
+
+
 def wandb_logger(
     save_dir: str,
     project: str = "vision_attn",
@@ -32,10 +68,20 @@ def wandb_logger(
     group: Optional[str] = None,
     tags: Sequence[str] = (),
     log_model: bool = False,
+    name_from_overrides: bool = True,
     **kwargs: Any,
 ) -> WandbLogger:
-    """A WandbLogger whose run files live in ``save_dir`` (the Hydra run directory)."""
+    """A WandbLogger whose run files live in ``save_dir`` (the Hydra run directory).
+
+    In a Hydra multirun every job shares one group named after the sweep directory, and is
+    named after its overrides (``model=swin_local,seed=1``), unless group/name are given.
+    """
     import wandb
+
+    sweep = hydra_sweep()
+    if sweep is not None:
+        group = group or sweep[0]
+        name = sweep[1] if name_from_overrides else name
 
     os.makedirs(save_dir, exist_ok=True)
     mode = wandb_mode()

@@ -7,6 +7,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 import torch
 from torch import nn
+from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchmetrics.classification import MulticlassAccuracy
@@ -17,6 +18,9 @@ from .variants import create_model
 
 class ClassificationModule(L.LightningModule):
     """Cross-entropy (label smoothing), timm AdamW, per-step cosine schedule with warmup.
+
+    Soft ``(B, num_classes)`` targets (Mixup/CutMix from the DataModule, smoothing included) use
+    ``SoftTargetCrossEntropy``; accuracy is then measured against their argmax.
 
     ``model`` holds the model config (``variant``, ``size`` and overrides, see
     :func:`vision_attn.create_model`); ``optim`` holds ``opt, lr, weight_decay, warmup_epochs,
@@ -29,6 +33,7 @@ class ClassificationModule(L.LightningModule):
         self.model = create_model(num_classes=num_classes, img_size=img_size, **model)
         self.optim = dict(optim)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.optim.get("label_smoothing", 0.0))
+        self.soft_criterion = SoftTargetCrossEntropy()
         top5 = min(5, num_classes)
         self.metrics = nn.ModuleDict(
             {
@@ -41,11 +46,10 @@ class ClassificationModule(L.LightningModule):
         self.img_size = img_size
 
     def setup(self, stage: str) -> None:
-        """Print and log the model summary; give the throughput monitor its FLOPs."""
+        """Print and log the model summary (params, GFLOPs at the training resolution)."""
         if stage != "fit":
             return
-        summary = summarize(self.model, self.img_size)
-        self.flops_per_batch = int(3 * 2e9 * summary.gflops * getattr(self.trainer.datamodule, "batch_size", 1))
+        self.summary = summary = summarize(self.model, self.img_size)
         rank_zero_info(f"model: {self.hparams['model'].get('variant')} {self.hparams['model'].get('size')}: {summary}")
         for logger in self.loggers:
             logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)
@@ -56,12 +60,14 @@ class ClassificationModule(L.LightningModule):
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, targets = batch
         logits = self(images)
-        loss = self.criterion(logits, targets)
+        soft = targets.ndim == 2
+        loss = self.soft_criterion(logits, targets) if soft else self.criterion(logits, targets)
+        labels = targets.argmax(dim=1) if soft else targets
         on_step = split == "train"
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(images))
         for k in self._top_ks:
             metric = self.metrics[f"{split}_acc{k}"]
-            metric(logits.detach(), targets)
+            metric(logits.detach(), labels)
             show = k == 1
             self.log(f"{split}/acc{k}", metric, on_step=on_step, on_epoch=True, prog_bar=show, batch_size=len(images))
         return loss

@@ -38,6 +38,44 @@ class QKVAttention(nn.Module):
         x = x.transpose(-3, -2).flatten(-2)
         return self.proj_drop(self.proj(x))
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """This kind's attention on ``(B, heads, H, W, D)`` q, k, v (bias included)."""
+        raise TypeError(f"{type(self).__name__} does not expose attend()")
+
+    @property
+    def exposes_attend(self) -> bool:
+        return type(self).attend is not QKVAttention.attend
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, points: list[tuple[int, int]], pattern_only: bool = False) -> torch.Tensor:
+        """Weights of the query ``points`` over the map: ``(heads, P, H, W)`` for one ``(1, H, W, C)`` map.
+
+        Values are one-hot position codes, so the output at a query is its row of attention
+        weights; this works for every kind through :meth:`attend`. ``pattern_only`` zeroes q and
+        k (and ignores the bias), leaving uniform weights over each query's allowed keys.
+        """
+        _, H, W, C = x.shape
+        D, N = self.head_dim, H * W
+        qkv = self.qkv(x).view(1, H, W, 3, self.num_heads, D).permute(3, 0, 4, 1, 2, 5)
+        q, k = qkv[0], qkv[1]
+        # One-hot values, fed head_dim columns at a time (kernels may require dim(v) == dim(q)).
+        eye = torch.eye(N, -(-N // D) * D, dtype=x.dtype, device=x.device).view(1, 1, H, W, -1)
+        if pattern_only:
+            q, k = torch.zeros_like(q), torch.zeros_like(k)
+            table = getattr(self, "relative_position_bias_table", None)
+            saved = None if table is None else table.detach().clone()
+            if table is not None:
+                table.zero_()
+        try:
+            chunks = [self.attend(q, k, c.expand(1, self.num_heads, H, W, D)) for c in eye.split(D, dim=-1)]
+            out = torch.cat(chunks, dim=-1)[..., :N]  # (1, heads, H, W, H*W)
+        finally:
+            if pattern_only and saved is not None:
+                table.copy_(saved)
+        ys = torch.tensor([p[0] for p in points], device=x.device)
+        xs = torch.tensor([p[1] for p in points], device=x.device)
+        return out[0][:, ys, xs].view(self.num_heads, len(points), H, W)
+
     @property
     def dropout_p(self) -> float:
         return self.attn_drop if self.training else 0.0

@@ -137,12 +137,12 @@ def windowed_sdpa(
     out = F.scaled_dot_product_attention(
         q.reshape(B * nW, nh, N, D),
         k.reshape(B * nW, nh, N, D),
-        v.reshape(B * nW, nh, N, D),
+        v.reshape(B * nW, nh, N, v.shape[-1]),
         attn_mask=mask,
         dropout_p=dropout_p,
         scale=scale,
     )
-    return out.view(B, nW, nh, N, D)
+    return out.view(B, nW, nh, N, v.shape[-1])
 
 
 def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
@@ -168,9 +168,10 @@ def window_attention(
     B, nh, H, W, D = q.shape
     geo = WindowGeometry.of(H, W, window_size, shift)
     qw, kw, vw = (_heads_to_windows(t, geo) for t in (q, k, v))
-    out = windowed_sdpa(qw, kw, vw, geo, bias, scale)  # (B, nW, heads, N, D)
-    out = unpartition(out.transpose(2, 3).reshape(B, geo.num_windows, -1, nh * D), geo)
-    return out.view(B, H, W, nh, D).permute(0, 3, 1, 2, 4)
+    out = windowed_sdpa(qw, kw, vw, geo, bias, scale)  # (B, nW, heads, N, Dv)
+    Dv = v.shape[-1]
+    out = unpartition(out.transpose(2, 3).reshape(B, geo.num_windows, -1, nh * Dv), geo)
+    return out.view(B, H, W, nh, Dv).permute(0, 3, 1, 2, 4)
 
 
 @register_attention("window")
@@ -191,6 +192,10 @@ class WindowAttention(QKVAttention):
         """``(heads, 2w-1, 2w-1)`` view of the bias table, or None."""
         t = self.relative_position_bias_table
         return None if t is None else bias_grid(t)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q, k, v ``(B, heads, H, W, D)`` -> the same shape."""
+        return window_attention(q, k, v, self.window_size, self.shift_size, self.bias_grid(), self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -1,0 +1,114 @@
+"""Pictures: validation predictions and attention maps over the input image."""
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from .attention import AttnSpec, attention_kinds, create_attention  # noqa: E402
+
+
+def figure_to_array(fig: plt.Figure) -> np.ndarray:
+    """Render a matplotlib figure to an RGB uint8 array and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """Normalised ``(N, 3, H, W)`` floats -> uint8 ``(N, H, W, 3)``."""
+    m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+    x = ((images.float() * s + m).clamp(0, 1) * 255).round().byte()
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def prediction_grid(images: np.ndarray, targets: Sequence[int], preds: Sequence[int], classes: Sequence[str]) -> np.ndarray:
+    """A grid of images titled ``true / predicted`` (green when right, red when wrong)."""
+    n = len(images)
+    cols = min(8, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.1 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, t, p in zip(axes.flat, images, targets, preds):
+        ax.imshow(img)
+        ax.set_title(f"{classes[t]}\n→ {classes[p]}", fontsize=7, color="tab:green" if t == p else "tab:red")
+    return figure_to_array(fig)
+
+
+def query_points(h: int, w: int) -> list[tuple[int, int]]:
+    """Three query tokens: a corner, the centre, and a point off the window grid."""
+    return [(0, 0), (h // 2, w // 2), (min(h - 1, (3 * h) // 4 + 1), max(0, w // 4 - 1))]
+
+
+def kind_patterns(
+    dim: int, num_heads: int, h: int, w: int, window_size: int, kernel_size: int, dilation: int = 2
+) -> dict[str, torch.Tensor]:
+    """Receptive field of every registered kind on an ``h x w`` token map: ``{kind: (P, h, w)}``.
+
+    Fresh modules with q = k = 0 attend uniformly over exactly the keys each query may see.
+    """
+    points = query_points(h, w)
+    spec = AttnSpec(window_size=window_size, kernel_size=kernel_size, dilation=dilation)
+    x = torch.zeros(1, h, w, dim)
+    maps = {}
+    for kind in attention_kinds():
+        module = create_attention(kind, dim, num_heads, spec).eval()
+        if not module.exposes_attend:
+            continue
+        maps[kind] = module.attention_maps(x, points, pattern_only=True).mean(0)
+    return maps
+
+
+def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: list[tuple[int, int]], title: str) -> np.ndarray:
+    """Rows: attention kinds (or blocks); columns: query tokens; weights over the image."""
+    H, W = image.shape[:2]
+    rows, cols = len(maps), len(points)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.2 * rows), squeeze=False)
+    for r, (label, m) in enumerate(maps.items()):
+        h, w = m.shape[-2:]
+        for c, (qy, qx) in enumerate(points):
+            ax = axes[r, c]
+            weights = m[c].float().cpu().numpy()
+            ax.imshow(image, extent=(0, W, H, 0))
+            ax.imshow(weights / max(weights.max(), 1e-12), cmap="magma", alpha=0.6, extent=(0, W, H, 0),
+                      interpolation="nearest", vmin=0, vmax=1)
+            ax.scatter([(qx + 0.5) * W / w], [(qy + 0.5) * H / h], s=30, c="cyan", marker="x")
+            ax.set_xticks([]), ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+            if r == 0:
+                ax.set_title(f"query ({qy},{qx})", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return figure_to_array(fig)
+
+
+@torch.no_grad()
+def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -> tuple[dict[str, torch.Tensor], list]:
+    """Head-averaged attention of each block of ``stage`` for one image: ``{label: (P, h, w)}``."""
+    inputs: list[torch.Tensor] = []
+    blocks = list(model.layers[stage].blocks)
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0][:1].detach())) for b in blocks]
+    try:
+        model(images[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    h, w = inputs[0].shape[1:3]
+    points = query_points(h, w)
+    maps = {
+        f"block {i}: {b.attn.kind}": b.attn.attention_maps(x, points).mean(0)
+        for i, (b, x) in enumerate(zip(blocks, inputs))
+        if b.attn.exposes_attend
+    }
+    return maps, points
