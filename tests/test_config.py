@@ -90,3 +90,18 @@ def test_resolved_config_is_plain_yaml():
     cfg = cfg_with("model=swin_local", "seed=3")
     assert OmegaConf.to_container(cfg.module, resolve=True)["model"]["variant"] == "swin_local"
     assert cfg.run_name == "swin_local-pico-seed3"
+
+
+def test_optuna_and_slurm_presets_compose_to_their_plugins():
+    from hydra.utils import get_class
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        optuna = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
+        slurm = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
+    sweeper = optuna.hydra.sweeper
+    assert get_class(sweeper._target_).__name__ == "OptunaSweeper" and sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"optim.lr", "optim.weight_decay", "model.drop_path_rate"}
+    launcher = slurm.hydra.launcher
+    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert launcher.max_num_timeout > 0 and launcher.tasks_per_node == launcher.gpus_per_node
+    assert slurm.trainer.accelerator == "gpu"
