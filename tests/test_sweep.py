@@ -5,22 +5,13 @@ import subprocess
 import sys
 
 from conftest import ROOT
-from test_train import TINY, inspect_wandb
+from test_train import TINY, inspect_wandb, wandb_records
 from vision_attn.loggers import _swept_keys
 
 
 def run_group(run_dir) -> str:
     """The run's group, read from its records (``leet inspect --summary`` does not print it)."""
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
-                         capture_output=True, text=True, timeout=120).stdout
-    import json
-
-    for line in out.splitlines():
-        record = json.loads(line)
-        if record.get("type") == "run":
-            return record["run"].get("run_group", "")
-    return ""
+    return wandb_records(run_dir, "run")[0]["run"].get("run_group", "")
 
 
 def test_swept_keys_parse_hydra_sweep_syntax():

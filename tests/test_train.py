@@ -35,9 +35,17 @@ def inspect_wandb(run_dir: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+def wandb_records(run_dir: Path, kind: str) -> list[dict]:
+    """Records of one type from ``wandb leet inspect --json`` (the raw transaction log)."""
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
+                          capture_output=True, text=True, timeout=120)
+    return [r for r in map(json.loads, proc.stdout.splitlines()) if r.get("type") == kind]
+
+
 def test_training_run_leaves_an_offline_wandb_run_with_metrics_and_resolved_config(train_runner, tmp_path):
     run_dir = tmp_path / "run"
-    proc = train_runner(*TINY, "model=swin", "seed=5", f"hydra.run.dir={run_dir}")
+    proc = train_runner(*TINY, "model=swin", "seed=5", "logger.wandb.log_model=true", f"hydra.run.dir={run_dir}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "final metrics:" in out and "epoch 0 val/acc1=" in out  # plain progress lines off a tty
@@ -57,6 +65,8 @@ def test_training_run_leaves_an_offline_wandb_run_with_metrics_and_resolved_conf
     assert config["module"]["img_size"] == 32 and config["run_name"] == "swin-pico-seed5"
     assert set(run["tags"]) >= {"swin", "pico", "shapes"}
     assert (run_dir / ".hydra" / "config.yaml").exists()
+    aliases = {a for r in wandb_records(run_dir, "artifact") for a in r["artifact"]["aliases"]}
+    assert {"best", "latest"} <= aliases  # logger.wandb.log_model=true: checkpoints as artifacts
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
 
 
