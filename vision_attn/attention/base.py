@@ -42,6 +42,13 @@ class QKVAttention(nn.Module):
         """This kind's attention on ``(B, heads, H, W, D)`` q, k, v (bias included)."""
         raise TypeError(f"{type(self).__name__} does not expose attend()")
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)`` through :meth:`attend` (kinds may override)."""
+        B, H, W, C = x.shape
+        qkv = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        out = self.attend(*qkv.unbind(0))  # (B, heads, H, W, D)
+        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
+
     @property
     def exposes_attend(self) -> bool:
         return type(self).attend is not QKVAttention.attend
