@@ -1,7 +1,7 @@
 """LightningDataModules."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import lightning as L
 import torch
@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader, Dataset
 from vision_attn.errors import ConfigError
 
 from . import shapes
+from .augment import AugmentConfig, BatchAugment
+from .resumable import resumable_train_loader
 
 
 def check_positive(**values: int) -> None:
@@ -23,18 +25,25 @@ class BaseDataModule(L.LightningDataModule):
     """Loader plumbing shared by every dataset: workers, pinning, shuffling.
 
     Datasets yield uint8 ``(3, H, W)`` images; they are normalised with ``mean``/``std`` on the
-    training device, after the transfer (4x less host-to-device traffic).
+    training device, after the transfer (4x less host-to-device traffic). Training batches then
+    get the batch-level part of ``data.augment`` (random erasing, Mixup/CutMix: see
+    :mod:`data.augment`); with Mixup/CutMix the targets become soft ``(B, num_classes)`` rows.
     """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    num_classes: int
 
-    def __init__(self, image_size: int, batch_size: int, num_workers: int = 0) -> None:
+    def __init__(
+        self, image_size: int, batch_size: int, num_workers: int = 0, augment: Optional[Mapping[str, Any]] = None
+    ) -> None:
         super().__init__()
         check_positive(image_size=image_size, batch_size=batch_size)
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.augment = AugmentConfig.from_mapping(augment)
+        self._batch_augment: Optional[BatchAugment] = None
         self.splits: dict[str, Dataset] = {}
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
@@ -48,16 +57,37 @@ class BaseDataModule(L.LightningDataModule):
             drop_last=shuffle and len(self.splits[split]) > self.batch_size,
         )
 
+    @property
+    def batch_augment(self) -> BatchAugment:
+        """Random erasing + Mixup/CutMix for training batches (built on first use)."""
+        if self._batch_augment is None:
+            self._batch_augment = BatchAugment(self.augment, self.num_classes)
+        return self._batch_augment
+
+    @property
+    def mixup(self):
+        """timm ``Mixup`` applied to training batches, or None when Mixup/CutMix is off."""
+        return self.batch_augment.mixup
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``(B, 3, H, W)`` -> float, normalised with ``mean``/``std``; floats pass through."""
+        if images.dtype != torch.uint8:
+            return images
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255
+        return images.float().sub_(mean).div_(std)
+
     def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
         images, targets = batch
-        if images.dtype == torch.uint8:
-            mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1) * 255
-            std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255
-            images = (images.float() - mean) / std
+        images = self.normalize(images)
+        if self.trainer is not None and self.trainer.training:
+            images, targets = self.batch_augment(images, targets)
         return images, targets
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # Seeded, rank-aware and stateful: a run resumed mid-epoch continues at the next batch
+        # (data/resumable.py).
+        return resumable_train_loader(self._loader("train", shuffle=True), self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -67,7 +97,7 @@ class BaseDataModule(L.LightningDataModule):
 
 
 class ShapesDataModule(BaseDataModule):
-    """The embedded procedural dataset (see :mod:`data.shapes`)."""
+    """The embedded procedural dataset (see :mod:`data.shapes`). ``augment``: batch-level keys only."""
 
     classes = shapes.CLASSES
     mean, std = shapes.MEAN, shapes.STD
@@ -82,8 +112,15 @@ class ShapesDataModule(BaseDataModule):
         test_size: int = 2000,
         seed: int = 0,
         num_classes: Optional[int] = None,
+        augment: Optional[Mapping[str, Any]] = None,
     ) -> None:
-        super().__init__(image_size, batch_size, num_workers)
+        per_image = sorted(set(augment or {}) & set(AugmentConfig.SAMPLE_KEYS))
+        if per_image:
+            raise ConfigError(
+                f"data.augment.{per_image[0]}: shapes takes only batch-level augmentation (mixup, cutmix, "
+                "reprob...): its labels are directions, which crops, flips and RandAugment would change"
+            )
+        super().__init__(image_size, batch_size, num_workers, augment)
         check_positive(train_size=train_size, val_size=val_size, test_size=test_size)
         if num_classes not in (None, len(shapes.CLASSES)):
             raise ConfigError(f"data.num_classes={num_classes}: shapes has exactly {len(shapes.CLASSES)} classes")

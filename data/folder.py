@@ -1,0 +1,161 @@
+"""Image folders (``<split>/<class>/**/<image>``): scanning, checks, datasets, corrupt-image policy.
+
+Scanning reports everything it does not load: non-image files and hidden folders are counted
+and named in a warning; empty class folders and class sets that differ between splits raise
+a :class:`~vision_attn.errors.ConfigError` naming the folders, before training starts.
+File lists are kept as numpy byte arrays, not Python lists, so DataLoader workers (forked)
+do not copy them page by page through reference counting.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vision_attn.errors import ConfigError
+
+from .decode import IMG_EXTENSIONS, CorruptImageError, is_image_file
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FolderSplit:
+    """One split of an image folder: class folder names, files (relative, bytes) and labels."""
+
+    root: Path
+    classes: list[str]
+    files: np.ndarray
+    labels: np.ndarray
+    counts: dict[str, int] = field(default_factory=dict)  # images per class folder
+    ignored: list[str] = field(default_factory=list)  # skipped entries, relative to root
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
+    """Sorted class folder names under ``split_dir`` and the ignored entries (files, hidden dirs)."""
+    if not split_dir.is_dir():
+        raise ConfigError(f"{split_dir} is not a folder: expected {split_dir}/<class>/<images>")
+    classes, ignored = [], []
+    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+        if entry.is_dir() and not entry.name.startswith("."):
+            classes.append(entry.name)
+        else:
+            ignored.append(entry.name)
+    return classes, ignored
+
+
+def _images_in(class_dir: Path) -> tuple[list[str], list[str]]:
+    """Image files (relative to ``class_dir``'s parent) found recursively, and ignored files."""
+    images, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, class_dir.parent)
+        for name in sorted(filenames):
+            (images if is_image_file(name) else ignored).append(os.path.join(rel_dir, name))
+    return images, ignored
+
+
+def scan_split(split_dir: Path, class_index: Optional[Mapping[str, int]] = None) -> FolderSplit:
+    """Scan ``split_dir/<class>/**`` for images. Labels come from ``class_index`` when given
+    (a canonical class order, e.g. ImageNet's), else from the sorted folder names."""
+    classes, ignored = class_folders(split_dir)
+    if not classes:
+        raise ConfigError(f"{split_dir} holds no class folders: expected {split_dir}/<class>/<images>")
+    index = dict(class_index) if class_index is not None else {c: i for i, c in enumerate(classes)}
+    files: list[str] = []
+    labels: list[int] = []
+    counts: dict[str, int] = {}
+    for name in classes:
+        images, skipped = _images_in(split_dir / name)
+        counts[name] = len(images)
+        ignored += skipped
+        files += images
+        labels += [index[name]] * len(images)
+    encoded = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)  # any file name, 1 byte per char
+    return FolderSplit(split_dir, classes, encoded, np.array(labels, dtype=np.int64), counts, ignored)
+
+
+def check_splits(splits: Mapping[str, FolderSplit]) -> None:
+    """Raise a ConfigError naming empty class folders or class folders missing from a split;
+    warn (with examples) about the entries that are not loaded."""
+    empty = [str(s.root / c) for s in splits.values() for c, n in s.counts.items() if n == 0]
+    if empty:
+        raise ConfigError(
+            f"empty class folders (no {'/'.join(IMG_EXTENSIONS)} files): {', '.join(empty)}; "
+            "add images or remove the folders"
+        )
+    names = list(splits)
+    reference = set(splits[names[0]].classes)
+    for name in names[1:]:
+        other = set(splits[name].classes)
+        if other != reference:
+            first, second = splits[names[0]].root, splits[name].root
+            raise ConfigError(
+                f"class folders differ between {first} and {second}: "
+                f"only in {first}: {sorted(reference - other)}; only in {second}: {sorted(other - reference)}; "
+                "every split needs the same class folders"
+            )
+    for split in splits.values():
+        if split.ignored:
+            examples = ", ".join(split.ignored[:3])
+            log.warning(f"{split.root}: ignored {len(split.ignored)} entries that are not images (e.g. {examples})")
+
+
+class ImageFileDataset(Dataset):
+    """``(transform(loader(path)), label)`` for the files of a :class:`FolderSplit`."""
+
+    def __init__(self, split: FolderSplit, loader: Callable[[str], Any], transform: Callable[[Any], Any]) -> None:
+        self.root = os.fspath(split.root)
+        self.files, self.labels = split.files, split.labels
+        self.loader, self.transform = loader, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, os.fsdecode(self.files[index]))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.loader(self.path(index))), int(self.labels[index])
+
+
+class SkipCorrupt(Dataset):
+    """Wraps a dataset whose loader raises :class:`CorruptImageError`; yields
+    ``(image, target, skipped)``.
+
+    With ``skip=False`` the error (naming the file) propagates. With ``skip=True`` the next
+    index is substituted (up to ``max_tries`` in a row) and ``skipped`` says how many files were
+    passed over for this sample. The count travels inside the batch, so it is exact with any
+    number of DataLoader workers; the DataModule strips and sums it before the transfer.
+    """
+
+    def __init__(self, dataset: Dataset, skip: bool = False, max_tries: int = 32) -> None:
+        self.dataset, self.skip, self.max_tries = dataset, skip, max_tries
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Any, int]:
+        skipped = 0
+        for attempt in range(min(self.max_tries, len(self))):
+            try:
+                image, target = self.dataset[(index + attempt) % len(self)]
+                return image, target, skipped
+            except CorruptImageError as e:
+                if not self.skip:
+                    raise
+                skipped += 1
+                log.warning(f"skipped unreadable image {e.path} ({e.reason}) [data.skip_corrupt=true]")
+        raise CorruptImageError(
+            f"{skipped} unreadable images in a row from index {index} of {len(self)}: "
+            "the dataset is badly damaged; check the files named in the warnings above"
+        )
