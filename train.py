@@ -2,6 +2,12 @@
 
 compose config -> instantiate DataModule, LightningModule, callbacks, loggers -> Trainer.fit
 -> Trainer.test(best checkpoint) -> print metrics -> return the monitored metric.
+
+Resume a run in its own directory: ``python train.py hydra.run.dir=<run dir> resume=true``
+(or ``ckpt_path=last``): model, optimizer, LR schedule, epoch/step, data position, RNG state and
+the same W&B run. Exit codes: 2 config error, 3 NaN/Inf loss, 143 stopped by SIGTERM (after
+writing ``checkpoints/last.ckpt``). Distributed: ``trainer=ddp`` (conf/trainer/ddp.yaml says
+how to launch with torchrun / srun).
 """
 from __future__ import annotations
 
@@ -18,7 +24,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vision_attn.errors import ConfigError, config_error_in
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from vision_attn.errors import ConfigError, TrainingDiverged, config_error_in
+from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, resolve_ckpt_path
+from vision_attn.loggers import read_run_id, write_run_id
 
 log = logging.getLogger("train")
 
@@ -59,19 +71,76 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         json.dump(results, f, indent=2)
 
 
+def build_loggers(cfg: Optional[DictConfig], wandb_id: Optional[str]) -> list[Any]:
+    """The ``logger`` group; a W&B logger continues run ``wandb_id`` when given (resume)."""
+    loggers = []
+    for c in (cfg or {}).values():
+        if c is None:
+            continue
+        resume = wandb_id and str(c.get("_target_", "")).endswith("wandb_logger")
+        loggers.append(instantiate(c, id=wandb_id, resume="allow") if resume else instantiate(c))
+    return loggers
+
+
+def trainer_plugins(cfg: DictConfig) -> list[Any]:
+    """``trainer.plugins`` plus atomic checkpoint writes (unless a CheckpointIO is given)."""
+    given = cfg.trainer.get("plugins")
+    plugins = list(instantiate(given)) if given else []
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
+
+
+def refuse_multirun_relaunch(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Hydra -m with a strategy that re-executes train.py per device cannot work: refuse it."""
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    launcher = trainer.strategy.launcher
+    if (
+        HydraConfig.get().mode == RunMode.MULTIRUN
+        and isinstance(launcher, _SubprocessScriptLauncher)
+        and not launcher.cluster_environment.creates_processes_externally
+        and launcher.num_processes > 1
+    ):
+        raise ConfigError(
+            f"trainer.strategy={cfg.trainer.get('strategy')} starts {launcher.num_processes} processes by re-running "
+            "train.py, which Hydra multirun (-m) cannot do: run the jobs without -m one at a time, launch them with "
+            "torchrun or srun (which start the processes themselves), or use launcher=slurm"
+        )
+
+
 def train(cfg: DictConfig) -> Optional[float]:
     """Fit, test the best checkpoint, and return the monitored metric."""
     start = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
+    run_dir = HydraConfig.get().runtime.output_dir
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), bool(cfg.get("resume", False)), run_dir)
+    resuming = ckpt_path not in (None, "best", "hpc")
+    wandb_id = read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path))) if resuming else None
     datamodule = instantiate(cfg.data)
     module = instantiate(cfg.module)
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    for logger in loggers:
+    loggers = build_loggers(cfg.get("logger"), wandb_id)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg))
+    refuse_multirun_relaunch(cfg, trainer)
+    if trainer.is_global_zero:  # ranks are known once the Trainer exists
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and logger.version:
+                write_run_id(run_dir, logger.version)
+    for logger in loggers:  # rank-zero only
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if resuming:
+        log.info(f"resuming from {ckpt_path}" + (f" (W&B run {wandb_id})" if wandb_id else ""))
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        saved = [cb.sigterm_checkpoint for cb in callbacks if isinstance(cb, FaultTolerance) and cb.sigterm_checkpoint]
+        where = f"saved {saved[0]}" if saved else "no checkpoint written (FaultTolerance callback off)"
+        log.warning(f"SIGTERM: stopped at step {trainer.global_step}, {where}; "
+                    f"resume with: python train.py hydra.run.dir={run_dir} resume=true")
+        sys.exit(143)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     monitored = metrics.get(cfg.monitor)
     if cfg.test_after_fit:
@@ -79,7 +148,8 @@ def train(cfg: DictConfig) -> Optional[float]:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
-    write_results(cfg, trainer, module, metrics, time.monotonic() - start)
+    if trainer.is_global_zero:
+        write_results(cfg, trainer, module, metrics, time.monotonic() - start)
     return monitored
 
 
@@ -90,6 +160,9 @@ def main(cfg: DictConfig) -> Optional[float]:
         result = train(cfg)
         failed = False
         return result
+    except TrainingDiverged as e:  # NaN/Inf loss: one line naming the step, checkpoints untouched
+        log.error(f"training diverged: {e}")
+        sys.exit(3)
     except Exception as e:  # a bad config value: one clear line, no deep traceback
         error = config_error_in(e)
         if error is None:

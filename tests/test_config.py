@@ -103,5 +103,22 @@ def test_optuna_and_slurm_presets_compose_to_their_plugins():
     assert set(sweeper.params) == {"optim.lr", "optim.weight_decay", "model.drop_path_rate"}
     launcher = slurm.hydra.launcher
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"
-    assert launcher.max_num_timeout > 0 and launcher.tasks_per_node == launcher.gpus_per_node
+    # Lightning owns requeueing (SIGUSR1 -> hpc checkpoint + scontrol requeue); submitit's is off.
+    assert launcher.max_num_timeout == 0 and launcher.tasks_per_node == launcher.gpus_per_node
+    assert launcher.additional_parameters.signal == f"USR1@{launcher.signal_delay_s}"
     assert slurm.trainer.accelerator == "gpu"
+
+
+def test_attention_ablation_sweeps_every_variant_at_comparable_size():
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=attention_ablation"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    variants = params.model.split(",")
+    assert set(variants) == set(VARIANTS) and params.seed == "0,1,2"
+    assert set(params.data.split(",")) == {"shapes", "imagenette"}
+    counts = {}
+    for variant in variants:
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            c = compose("config", overrides=["experiment=attention_ablation", f"model={variant}"])
+        counts[variant] = sum(p.numel() for p in instantiate(c.module).model.parameters())
+    assert max(counts.values()) <= 1.1 * min(counts.values()), counts

@@ -14,3 +14,7 @@ def config_error_in(exc: BaseException) -> "ConfigError | None":
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN/Inf; the message names the step. Checkpoints are left as they were."""

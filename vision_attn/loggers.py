@@ -61,6 +61,31 @@ def _swept_keys(argv: list[str]) -> set[str]:
     return keys
 
 
+RUN_ID_FILE = "wandb_run_id"
+
+
+def read_run_id(*run_dirs: str) -> Optional[str]:
+    """The W&B run id persisted in the first of ``run_dirs`` that holds one (see :func:`write_run_id`)."""
+    for run_dir in run_dirs:
+        try:
+            with open(os.path.join(run_dir, RUN_ID_FILE)) as f:
+                run_id = f.read().strip()
+        except OSError:
+            continue
+        if run_id:
+            return run_id
+    return None
+
+
+def write_run_id(run_dir: str, run_id: str) -> None:
+    """Persist the W&B run id in the run directory, so a resumed run logs to the same W&B run."""
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = os.path.join(run_dir, f".{RUN_ID_FILE}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, os.path.join(run_dir, RUN_ID_FILE))
+
+
 def wandb_logger(
     save_dir: str,
     project: str = "vision_attn",
@@ -69,14 +94,20 @@ def wandb_logger(
     tags: Sequence[str] = (),
     log_model: bool = False,
     name_from_overrides: bool = True,
+    id: Optional[str] = None,
+    resume: Optional[str] = None,
     **kwargs: Any,
 ) -> WandbLogger:
     """A WandbLogger whose run files live in ``save_dir`` (the Hydra run directory).
 
     In a Hydra multirun every job shares one group named after the sweep directory, and is
     named after its overrides (``model=swin_local,seed=1``), unless group/name are given.
+
+    The run id is fixed up front (``id``, else a fresh one): train.py persists it in the run
+    directory (:func:`write_run_id`) and, when resuming, passes it back with ``resume="allow"``.
     """
     import wandb
+    from wandb.sdk.lib.runid import generate_id
 
     sweep = hydra_sweep()
     if sweep is not None:
@@ -93,6 +124,8 @@ def wandb_logger(
         group=group,
         tags=list(tags),
         log_model=log_model,
+        id=id or generate_id(),
+        resume=resume,
         mode=mode,
         settings=settings,
         **kwargs,

@@ -12,6 +12,7 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 
+from .errors import TrainingDiverged
 from .summary import summarize
 from .variants import create_model
 
@@ -25,12 +26,36 @@ class ClassificationModule(L.LightningModule):
     ``model`` holds the model config (``variant``, ``size`` and overrides, see
     :func:`vision_attn.create_model`); ``optim`` holds ``opt, lr, weight_decay, warmup_epochs,
     warmup_lr, min_lr, label_smoothing``. Both are stored as plain containers in checkpoints.
+
+    Speed knobs in ``model`` (kept out of :func:`vision_attn.create_model`): ``compile``
+    (``torch.compile`` of the backbone; ``self.model`` stays the eager module, so checkpoints keep
+    their keys and hooks still work) and ``channels_last`` (the stem's conv weights and the input
+    images in channels-last memory format, so the stem's NCHW -> NHWC permute is free).
+    ``check_finite``: stop with :class:`TrainingDiverged` naming the step when the training loss is
+    NaN/Inf, before the optimizer step (checkpoints untouched). ``debug_nan_at_step``: make the
+    loss NaN at that global step (to test the above).
     """
 
-    def __init__(self, model: dict[str, Any], num_classes: int, img_size: int, optim: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        model: dict[str, Any],
+        num_classes: int,
+        img_size: int,
+        optim: dict[str, Any],
+        check_finite: bool = True,
+        debug_nan_at_step: Optional[int] = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        model = dict(model)
+        compile_model = bool(model.pop("compile", False))
+        self.channels_last = bool(model.pop("channels_last", False))
         self.model = create_model(num_classes=num_classes, img_size=img_size, **model)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        # Not a registered submodule: same parameters, no "_orig_mod." keys in the state dict.
+        self.__dict__["_compiled"] = torch.compile(self.model) if compile_model else None
+        self.check_finite, self.debug_nan_at_step = check_finite, debug_nan_at_step
         self.optim = dict(optim)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.optim.get("label_smoothing", 0.0))
         self.soft_criterion = SoftTargetCrossEntropy()
@@ -55,7 +80,9 @@ class ClassificationModule(L.LightningModule):
             logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return (self.model if self._compiled is None else self._compiled)(x)
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, targets = batch
@@ -64,7 +91,10 @@ class ClassificationModule(L.LightningModule):
         loss = self.soft_criterion(logits, targets) if soft else self.criterion(logits, targets)
         labels = targets.argmax(dim=1) if soft else targets
         on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(images))
+        # val/test loss: a plain tensor, so averaged over all ranks' samples explicitly (accuracy:
+        # torchmetrics objects sync themselves); training: each rank's own, no per-step all-reduce.
+        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(images),
+                 sync_dist=not on_step)
         for k in self._top_ks:
             metric = self.metrics[f"{split}_acc{k}"]
             metric(logits.detach(), labels)
@@ -73,7 +103,24 @@ class ClassificationModule(L.LightningModule):
         return loss
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if self.debug_nan_at_step is not None and self.global_step == self.debug_nan_at_step:
+            loss = loss * float("nan")
+        if self.check_finite:
+            self._stop_if_not_finite(loss, batch_idx)
+        return loss
+
+    def _stop_if_not_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None and self._trainer.world_size > 1:  # every rank stops at the same step
+            bad = self._trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise TrainingDiverged(
+                f"non-finite training loss ({float(loss.detach())}) at step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {batch_idx}); stopped before the optimizer step, "
+                "checkpoints left as they were. Try a lower optim.lr, more optim.warmup_epochs or "
+                "trainer.gradient_clip_val=1.0"
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -1,0 +1,352 @@
+"""Fault tolerance: atomic checkpoints, weights_only loading, resume resolution, the resumable
+sampler, SIGTERM, NaN/Inf loss, SLURM requeue ownership, and kill -9 + resume == uninterrupted."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, run_train
+from data.datamodule import ShapesDataModule
+from data.resumable import ResumableDataLoader, ResumableSampler, resumable_train_loader
+from test_train import TINY
+from vision_attn.errors import ConfigError
+from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, atomic_torch_save, resolve_ckpt_path
+from vision_attn.module import ClassificationModule
+
+OPTIM = dict(opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5)
+
+
+def final_metrics(out: str) -> dict[str, float]:
+    """``train.py``'s ``final metrics: k=v ...`` line as a dict."""
+    line = [ln for ln in out.splitlines() if "final metrics:" in ln][-1]
+    return {k: float(v) for k, v in re.findall(r"(\S+)=([-\d.naif]+)", line.split("final metrics:", 1)[1])}
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+
+
+def test_crash_during_save_leaves_previous_last_ckpt_intact(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(1000)}, path)
+    good = path.read_bytes()
+
+    real_save = torch.save
+
+    def crash_mid_write(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")  # bytes reach the file, then the process "dies"
+        raise OSError("simulated crash during torch.save")
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(OSError, match="simulated crash"):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(1000)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+
+    assert path.read_bytes() == good
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+    assert os.listdir(path.parent) == ["last.ckpt"]  # the temp file is gone too
+
+
+def test_stale_temp_file_from_a_killed_writer_is_ignored_and_cleaned(tmp_path):
+    path = tmp_path / "last.ckpt"
+    (tmp_path / ".last.ckpt.99999.tmp").write_bytes(b"truncated")  # a writer killed mid-write
+    atomic_torch_save({"global_step": 3}, str(path))
+    assert torch.load(path, weights_only=True) == {"global_step": 3}
+    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+
+
+# --- checkpoint contents --------------------------------------------------------------------------
+
+
+def test_checkpoints_load_weights_only_and_hold_scheduler_loader_and_rng_state(tmp_path):
+    L.seed_everything(0, workers=True)
+    dm = ShapesDataModule(image_size=32, batch_size=8, train_size=48, val_size=8, test_size=8)
+    module = ClassificationModule(dict(variant="swin", size="pico", embed_dim=16), 8, 32, OPTIM)
+    ft = FaultTolerance(str(tmp_path / "checkpoints"), every_n_train_steps=4)
+    trainer = L.Trainer(max_steps=4, logger=False, callbacks=[ft], plugins=[AtomicCheckpointIO()],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)  # plain containers only
+    assert ckpt["global_step"] == 4
+    assert isinstance(ckpt["hyper_parameters"]["model"], dict) and ckpt["hyper_parameters"]["optim"]["lr"] == 2e-3
+    (sched,) = ckpt["lr_schedulers"]  # timm's CosineLRScheduler state, saved by Lightning
+    assert sched["t_initial"] == 4 and sched["base_values"] == [2e-3, 2e-3]  # decay, no-decay groups
+    (loader,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader == {"epoch": 0, "batches": 4, "batch_size": 8, "num_replicas": 1, "seed": 0}
+    assert set(ckpt["callbacks"]["FaultTolerance"]["rng"]) >= {"torch", "numpy", "python"}
+
+
+class _Crash(Exception):
+    pass
+
+
+class _CrashAtStep(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise _Crash(f"step {self.step}")
+
+
+def _fit(tmp_path, crash_at=None, resume=False, every_n=None):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    L.seed_everything(3, workers=True)
+    dm = ShapesDataModule(image_size=32, batch_size=16, train_size=64, val_size=16, test_size=16)
+    module = ClassificationModule(dict(variant="swin", size="pico", embed_dim=16), 8, 32, OPTIM)
+    ckpt_dir = tmp_path / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, monitor="val/acc1", mode="max", save_top_k=1),
+                 FaultTolerance(str(ckpt_dir), every_n_train_steps=every_n)]
+    trainer = L.Trainer(max_epochs=2, deterministic=True, logger=False, plugins=[AtomicCheckpointIO()],
+                        callbacks=callbacks + ([_CrashAtStep(crash_at)] if crash_at else []),
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
+    except _Crash:
+        return None
+    return module, trainer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return _fit(tmp_path_factory.mktemp("ref"))  # checkpoint writes do not change training
+
+
+@pytest.mark.parametrize("every_n,crash_at,saved_at", [pytest.param(None, 6, 4, marks=pytest.mark.slow), (3, 7, 6)],
+                         ids=["epoch-end", "mid-epoch"])
+def test_resume_in_process_is_bit_identical(tmp_path, uninterrupted, every_n, crash_at, saved_at):
+    """4 steps an epoch, 2 epochs; crash, resume from last.ckpt (written at the end of epoch 0, or
+    mid-epoch at step 6), compare with an uninterrupted run: same weights, same validation."""
+    ref, ref_trainer = uninterrupted
+    assert _fit(tmp_path / "cut", crash_at=crash_at, every_n=every_n) is None
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == saved_at
+    resumed, trainer = _fit(tmp_path / "cut", resume=True, every_n=every_n)
+    assert trainer.global_step == ref_trainer.global_step == 8
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    for key in ("val/loss", "val/acc1"):
+        assert float(trainer.callback_metrics[key]) == float(ref_trainer.callback_metrics[key]), key
+
+
+# --- resumable sampler -----------------------------------------------------------------------------
+
+
+def _loader(n=40, bs=4, world=1, rank=0, seed=7):
+    ds = torch.utils.data.TensorDataset(torch.arange(n))
+    return ResumableDataLoader(ds, batch_size=bs, sampler=ResumableSampler(ds, world, rank, seed=seed), seed=seed)
+
+
+def _ids(batches):
+    return [int(i) for b in batches for i in b[0]]
+
+
+def test_loader_resumes_mid_epoch_at_the_next_batch():
+    full = _loader()
+    full.sampler.set_epoch(2)
+    reference = list(full)
+    assert _ids(reference) != list(range(40))  # shuffled per epoch
+    first = _loader()
+    first.sampler.set_epoch(2)
+    it = iter(first)
+    seen = [next(it) for _ in range(3)]
+    state = first.state_dict()
+    assert state["epoch"] == 2 and state["batches"] == 3
+
+    resumed = _loader()
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert _ids(seen + rest) == _ids(reference)
+    assert resumed.state_dict()["batches"] == 10  # counts the skipped batches too
+    resumed.sampler.set_epoch(3)
+    assert len(list(resumed)) == 10  # the next epoch is whole again
+
+
+def test_ranks_split_the_same_order_and_resume_across_a_different_world_size():
+    order = _ids(_loader(bs=40))  # one process, one batch: the epoch's global order
+    ranks = [_loader(bs=5, world=2, rank=r) for r in range(2)]
+    for r, loader in enumerate(ranks):
+        assert _ids(loader) == order[r::2]
+    # 2 ranks x 2 batches of 5 consumed = the first 20 of the order; resume on 1 process
+    single = _loader(bs=10)
+    with pytest.warns(UserWarning, match="resuming with batch size x processes 10x1 .* instead of 5x2"):
+        single.load_state_dict({"epoch": 0, "batches": 2, "batch_size": 5, "num_replicas": 2, "seed": 7})
+    assert _ids(single) == order[20:]
+
+
+def test_datamodule_train_loader_is_resumable_and_rank_aware():
+    dm = ShapesDataModule(image_size=16, batch_size=4, train_size=16, val_size=4, test_size=4)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, ResumableDataLoader) and loader.drop_last
+
+    class FakeTrainer:
+        world_size, global_rank = 4, 3
+
+    ddp = resumable_train_loader(dm._loader("train", shuffle=True), FakeTrainer())
+    assert (ddp.sampler.num_replicas, ddp.sampler.rank, len(ddp)) == (4, 3, 1)
+
+
+# --- resume resolution -----------------------------------------------------------------------------
+
+
+def test_resume_and_ckpt_path_last_resolve_to_the_run_dirs_last_ckpt(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    for kwargs, key in (({"ckpt_path": None, "resume": True}, "resume=true"), ({"ckpt_path": "last", "resume": False}, "ckpt_path=last")):
+        with pytest.raises(ConfigError) as info:
+            resolve_ckpt_path(run_dir=str(tmp_path), **kwargs)
+        assert str(info.value).startswith(f"{key}: no checkpoint at {last}")
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    assert resolve_ckpt_path(None, True, str(tmp_path)) == str(last)
+    assert resolve_ckpt_path("last", False, str(tmp_path)) == str(last)
+    assert resolve_ckpt_path(None, False, str(tmp_path), env={}) is None
+    with pytest.raises(ConfigError, match="ckpt_path=/nope.ckpt: no such checkpoint file"):
+        resolve_ckpt_path("/nope.ckpt", False, str(tmp_path))
+
+
+def test_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    hpc = tmp_path / "hpc_ckpt_2.ckpt"
+    hpc.write_bytes(b"y")
+    os.utime(last, (time.time() - 60, time.time() - 60))
+    assert resolve_ckpt_path(None, False, str(tmp_path), env={"SLURM_RESTART_COUNT": "1"}) == str(hpc)
+    assert resolve_ckpt_path(None, False, str(tmp_path), env={"SLURM_RESTART_COUNT": "0"}) is None
+
+
+def test_slurm_preset_gives_requeueing_to_lightning_alone():
+    """submitit: no requeue of its own (max_num_timeout 0) and its SIGUSR2 is never sent; SLURM
+    signals USR1, which Lightning's SLURMEnvironment(auto_requeue=True) handles."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher.max_num_timeout == 0
+    sbatch = _make_sbatch_string(command="python x.py", folder="/tmp/sub", signal_delay_s=launcher.signal_delay_s,
+                                 additional_parameters=dict(launcher.additional_parameters))
+    assert "#SBATCH --signal=USR1@120" in sbatch and "USR2" not in sbatch
+    env = SLURMEnvironment()
+    assert env.auto_requeue and env.requeue_signal == signal.SIGUSR1
+
+
+# --- end to end: SIGTERM, NaN, multirun + ddp ------------------------------------------------------
+
+
+def _popen_train(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_saves_last_ckpt_and_exits_cleanly(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _popen_train([*TINY, "logger=none", "trainer.limit_train_batches=null", "data.train_size=1600",
+                         "callbacks.progress.every_n_steps=1", f"hydra.run.dir={run_dir}"], tmp_path)
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"epoch 0 batch 2/", line):
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(120), "".join(lines)[-3000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+    reader.join(10)
+    out = "".join(lines)
+    assert proc.returncode == 143, out[-3000:]
+    assert "Traceback" not in out
+    match = re.search(r"SIGTERM: saved (\S+) at step (\d+)", out)
+    assert match and match.group(1) == str(run_dir / "checkpoints" / "last.ckpt"), out[-3000:]
+    ckpt = torch.load(match.group(1), weights_only=True)
+    assert 2 <= ckpt["global_step"] == int(match.group(2)) < 100
+    assert f"resume with: python train.py hydra.run.dir={run_dir} resume=true" in out
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_runner, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = train_runner(*TINY, "logger=none", "trainer.max_epochs=2", "checkpoint_every_n_steps=2",
+                        "module.debug_nan_at_step=5", f"hydra.run.dir={run_dir}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "training diverged: non-finite training loss (nan) at step 5 (epoch 1, batch 1)" in out
+    assert "Traceback" not in out
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_multirun_with_a_relaunching_ddp_strategy_is_refused_in_one_line(train_runner, tmp_path):
+    no_preset = [a for a in TINY if a != "trainer=debug"]
+    proc = train_runner("-m", *no_preset, "logger=none", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                        "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out[-3000:]
+    assert "config error: trainer.strategy=ddp starts 2 processes by re-running train.py, which Hydra multirun (-m) cannot do" in out
+    assert "Traceback" not in out and "epoch 0" not in out
+
+
+# --- kill -9 mid-epoch, resume, compare with an uninterrupted run ---------------------------------
+
+RESUME_ARGS = [*TINY, "data.train_size=128", "trainer.max_epochs=2", "trainer.limit_train_batches=8",
+               "trainer.deterministic=true", "checkpoint_every_n_steps=4", "seed=3"]
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path):
+    """8 steps an epoch, 2 epochs; last.ckpt every 4 steps; SIGKILL at step 14 (epoch 1, batch 5),
+    two steps after the step-12 checkpoint; resume=true. Bit-identical to an uninterrupted run:
+    same data order (stateful sampler), RNG streams (drop path), optimizer, LR schedule."""
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full = run_train([*RESUME_ARGS, "logger=none", f"hydra.run.dir={full_dir}"], tmp_path)
+    assert full.returncode == 0, (full.stdout + full.stderr)[-3000:]
+
+    killed = run_train([*RESUME_ARGS, "logger=wandb", f"hydra.run.dir={cut_dir}",
+                        "+callbacks.killer._target_=fault_helpers.KillAtStep", "+callbacks.killer.step=14"], tmp_path,
+                       env={"PYTHONPATH": str(ROOT / "tests")})
+    assert killed.returncode == -signal.SIGKILL, (killed.stdout + killed.stderr)[-3000:]
+    assert torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+    run_id = (cut_dir / "wandb_run_id").read_text().strip()
+
+    resumed = run_train([*RESUME_ARGS, "logger=wandb", f"hydra.run.dir={cut_dir}", "resume=true"], tmp_path)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming from {cut_dir / 'checkpoints' / 'last.ckpt'} (W&B run {run_id})" in out
+    assert "not resumable" not in out
+
+    a = torch.load(full_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 16 and a["epoch"] == b["epoch"]
+    diff = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
+    ma, mb = final_metrics(full.stdout + full.stderr), final_metrics(out)
+    print(f"max |weight diff| {diff:.3g}; " + ", ".join(f"{k}: {ma[k]:.6f} vs {mb[k]:.6f}"
+                                                       for k in ("val/loss", "val/acc1", "test/loss", "test/acc1")))
+    assert diff == 0.0
+    for key in ("val/loss", "val/acc1", "val/acc5", "test/loss", "test/acc1"):
+        assert mb[key] == pytest.approx(ma[key], abs=1e-6), key
+    # Same W&B run: the resumed process logged to the run id the killed one created.
+    runs = sorted(glob.glob(str(cut_dir / "wandb" / "offline-run-*")))
+    assert len(runs) == 2 and all(r.endswith(f"-{run_id}") for r in runs)
+    assert (cut_dir / "wandb_run_id").read_text().strip() == run_id
