@@ -9,6 +9,7 @@ BENCHES = {
     "attention": "vision_attn.bench.attention",
     "model": "vision_attn.bench.model",
     "data": "vision_attn.bench.data",
+    "knobs": "vision_attn.bench.knobs",
 }
 
 
