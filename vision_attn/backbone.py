@@ -53,6 +53,12 @@ class VisionAttnTransformer(nn.Module):
         stem: str = "patch",
         downsample: str = "merge",
         global_pool: str = "avg",
+        global_tokens: IntOrSeq = 0,
+        sr_ratio: IntOrSeq = 1,
+        lsh_chunk: IntOrSeq = 64,
+        lsh_buckets: int = 0,
+        lsh_hashes: int = 1,
+        routed_topk: IntOrSeq = 4,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -60,6 +66,8 @@ class VisionAttnTransformer(nn.Module):
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
         self.patch_embed = create_stem(stem, img_size, patch_size, in_chans, embed_dim)
         windows, kernels = per_stage(window_size, n), per_stage(kernel_size, n)
+        tokens, ratios = per_stage(global_tokens, n), per_stage(sr_ratio, n)
+        chunks, topks = per_stage(lsh_chunk, n), per_stage(routed_topk, n)
         dilations = dilations or [[1]] * n
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         dims = [int(embed_dim * 2**i) for i in range(n)]
@@ -67,7 +75,9 @@ class VisionAttnTransformer(nn.Module):
         self.feature_info = []
         for i in range(n):
             specs = [
-                AttnSpec(windows[i], kernels[i], d, qkv_bias, attn_drop_rate, proj_drop_rate, rel_pos_bias)
+                AttnSpec(windows[i], kernels[i], d, qkv_bias, attn_drop_rate, proj_drop_rate, rel_pos_bias,
+                         sr_ratio=ratios[i], lsh_chunk=chunks[i], lsh_buckets=lsh_buckets, lsh_hashes=lsh_hashes,
+                         routed_topk=topks[i])
                 for d in per_stage(dilations[i], 1)
             ]
             stages.append(
@@ -82,6 +92,7 @@ class VisionAttnTransformer(nn.Module):
                     mlp_ratio=mlp_ratio,
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                     layer_scale_init_value=layer_scale_init_value,
+                    global_tokens=tokens[i],
                 )
             )
             reduction *= 2 if i > 0 else 1
@@ -94,8 +105,8 @@ class VisionAttnTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Relative position bias tables get no weight decay (timm convention)."""
-        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        """Relative position bias tables and global tokens get no weight decay (timm convention)."""
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n or "global_tokens" in n}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

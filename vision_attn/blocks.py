@@ -5,8 +5,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
+from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnSpec, create_attention
 from .stems import create_downsample
@@ -41,6 +42,19 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
+    def forward_global(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same block on a map ``(B, H, W, C)`` plus global tokens ``(B, G, C)``.
+
+        Map and global tokens share norms, attention (``attn.forward_global``), MLP, layer scale
+        and one drop-path decision per sample.
+        """
+        B, H, W, C = x.shape
+        a_x, a_g = self.attn.forward_global(self.norm1(x), self.norm1(g))
+        t = torch.cat([x.reshape(B, H * W, C), g], 1)
+        t = t + self.drop_path1(self.ls1(torch.cat([a_x.reshape(B, H * W, C), a_g], 1)))
+        t = t + self.drop_path2(self.ls2(self.mlp(self.norm2(t))))
+        return t[:, : H * W].view(B, H, W, C), t[:, H * W :]
+
 
 class Stage(nn.Module):
     """Optional 2x downsampling (``merge`` or ``conv``), then ``depth`` blocks cycling over ``pattern``."""
@@ -58,10 +72,15 @@ class Stage(nn.Module):
         drop_path: Sequence[float] = (),
         layer_scale_init_value: Optional[float] = None,
         norm_layer: type[nn.Module] = nn.LayerNorm,
+        global_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
         self.downsample = create_downsample(downsample, dim, out_dim) if downsample else nn.Identity()
+        # ``global_tokens`` learned tokens every map query also attends to (and that attend to all).
+        self.global_tokens = nn.Parameter(torch.zeros(1, global_tokens, out_dim)) if global_tokens else None
+        if self.global_tokens is not None:
+            trunc_normal_(self.global_tokens, std=0.02)
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -80,6 +99,18 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
+        if self.global_tokens is not None:
+            return self._forward_global(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
+
+    def _forward_global(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks on the map plus this stage's global tokens; the tokens end with the stage."""
+        g = self.global_tokens.repeat(x.shape[0], 1, 1)  # a copy: an expanded leaf trips hooks under no_grad
+        for block in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x, g = checkpoint(block.forward_global, x, g, use_reentrant=False)
+            else:
+                x, g = block.forward_global(x, g)
+        return x

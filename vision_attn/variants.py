@@ -4,7 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .attention import attention_kinds
+from .attention import attention_class, attention_kinds
 from .backbone import VisionAttnTransformer
 from .errors import ConfigError
 
@@ -16,6 +16,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "swin_dilated": dict(block_pattern=["neighborhood", "dilated"], family="nat"),
     "swin_global": dict(block_pattern=["global"], family="swin"),
     "maxvit_like": dict(block_pattern=["window", "grid"], family="swin"),
+    # Beyond local windows: each entry's ``defaults`` are backbone kwargs (config keys may override).
+    "swin_global_tokens": dict(block_pattern=["window", "shifted_window"], family="swin",
+                               defaults=dict(global_tokens=4)),
+    "swin_sr": dict(block_pattern=["spatial_reduction"], family="swin", defaults=dict(sr_ratio=[8, 4, 2, 1])),
+    "swin_lsh": dict(block_pattern=["lsh"], family="swin", defaults=dict(lsh_chunk=64, lsh_hashes=1)),
+    "swin_routed": dict(block_pattern=["routed"], family="swin", defaults=dict(routed_topk=4)),
 }
 
 # Swin-T/S/B for tiny/small/base; pico and nano train in minutes on a 2-core CPU and are
@@ -71,6 +77,7 @@ def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str
     if size not in SIZES:
         raise ConfigError(f"unknown model.size={size!r}; choose one of {list(SIZES)}")
     kwargs: dict[str, Any] = {**size_defaults(variant, size), "block_pattern": VARIANTS[variant]["block_pattern"]}
+    kwargs.update(VARIANTS[variant].get("defaults", {}))
     if "dilated" in kwargs["block_pattern"]:
         kwargs["dilations"] = DILATIONS[size]
     for key, value in overrides.items():
@@ -82,11 +89,38 @@ def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str
     return kwargs
 
 
-def _positive(kwargs: dict[str, Any], key: str) -> None:
+def _positive(kwargs: dict[str, Any], key: str, minimum: int = 1) -> None:
     values = kwargs[key] if isinstance(kwargs[key], (list, tuple)) else [kwargs[key]]
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     for v in values:
-        if not isinstance(v, int) or v < 1:
-            raise ConfigError(f"model.{key}={kwargs[key]} must be a positive integer (or one per stage)")
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ConfigError(f"model.{key}={kwargs[key]} must be {what} (or one per stage)")
+
+
+def _validate_beyond_local(kwargs: dict[str, Any]) -> None:
+    """Keys of the spatial_reduction / lsh / routed kinds and of global tokens."""
+    for key in ("sr_ratio", "lsh_chunk", "lsh_hashes", "routed_topk", "global_tokens"):
+        if key not in kwargs:
+            continue
+        _positive(kwargs, key, minimum=0 if key == "global_tokens" else 1)
+        value = kwargs[key]
+        if isinstance(value, (list, tuple)) and (key == "lsh_hashes" or len(value) != len(kwargs["depths"])):
+            raise ConfigError(f"model.{key}={list(value)} must be an integer" +
+                              ("" if key == "lsh_hashes" else f" or one per stage ({len(kwargs['depths'])})"))
+    buckets = kwargs.get("lsh_buckets", 0)
+    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0 or buckets % 2:
+        raise ConfigError(
+            f"model.lsh_buckets={buckets} must be 0 (auto: 2 * ceil(tokens / lsh_chunk)) or an even integer >= 2"
+        )
+    tokens = kwargs.get("global_tokens", 0)
+    if any(tokens) if isinstance(tokens, (list, tuple)) else tokens:
+        kinds = dict.fromkeys(kwargs["block_pattern"])
+        unsupported = [k for k in kinds if not attention_class(k).supports_global_tokens()]
+        if unsupported:
+            raise ConfigError(
+                f"model.global_tokens={tokens} is not supported by attention kinds {unsupported} in "
+                f"model.block_pattern; use 0 or kinds that expose attend_lse()"
+            )
 
 
 def validate(kwargs: dict[str, Any]) -> None:
@@ -110,6 +144,7 @@ def validate(kwargs: dict[str, Any]) -> None:
     unknown = [k for k in kwargs["block_pattern"] if k not in attention_kinds()]
     if unknown:
         raise ConfigError(f"model.block_pattern has unknown attention kinds {unknown}; registered: {attention_kinds()}")
+    _validate_beyond_local(kwargs)
 
 
 def create_model(

@@ -52,19 +52,22 @@ def query_points(h: int, w: int) -> list[tuple[int, int]]:
 
 
 def kind_patterns(
-    dim: int, num_heads: int, h: int, w: int, window_size: int, kernel_size: int, dilation: int = 2
+    dim: int, num_heads: int, h: int, w: int, window_size: int, kernel_size: int, dilation: int = 2,
+    sr_ratio: int = 2,
 ) -> dict[str, torch.Tensor]:
     """Receptive field of every registered kind on an ``h x w`` token map: ``{kind: (P, h, w)}``.
 
     Fresh modules with q = k = 0 attend uniformly over exactly the keys each query may see.
+    Data-dependent kinds (lsh, routed) hash / route on a fixed random map, so the picture shows
+    the keys they pick for a typical input.
     """
     points = query_points(h, w)
-    spec = AttnSpec(window_size=window_size, kernel_size=kernel_size, dilation=dilation)
-    x = torch.zeros(1, h, w, dim)
+    spec = AttnSpec(window_size=window_size, kernel_size=kernel_size, dilation=dilation, sr_ratio=sr_ratio)
+    x = torch.randn(1, h, w, dim, generator=torch.Generator().manual_seed(0))
     maps = {}
     for kind in attention_kinds():
         module = create_attention(kind, dim, num_heads, spec).eval()
-        if not module.exposes_attend:
+        if not module.exposes_maps:
             continue
         maps[kind] = module.attention_maps(x, points, pattern_only=True).mean(0)
     return maps
@@ -95,10 +98,18 @@ def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: l
 
 @torch.no_grad()
 def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -> tuple[dict[str, torch.Tensor], list]:
-    """Head-averaged attention of each block of ``stage`` for one image: ``{label: (P, h, w)}``."""
+    """Head-averaged attention of each block of ``stage`` for one image: ``{label: (P, h, w)}``.
+
+    With global tokens the maps show the map-token part of each query's attention, renormalised.
+    """
     inputs: list[torch.Tensor] = []
     blocks = list(model.layers[stage].blocks)
-    hooks = [b.attn.register_forward_pre_hook(lambda m, a: inputs.append(a[0][:1].detach())) for b in blocks]
+
+    def keep(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if out.dim() == 4:  # the attention's map input (norm1 also sees global tokens, (B, G, C))
+            inputs.append(out[:1].detach())
+
+    hooks = [b.norm1.register_forward_hook(keep) for b in blocks]
     try:
         model(images[:1])
     finally:
@@ -106,9 +117,11 @@ def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -
             hook.remove()
     h, w = inputs[0].shape[1:3]
     points = query_points(h, w)
+    tokens = getattr(model.layers[stage], "global_tokens", None)
+    extra = "" if tokens is None else f" (+{tokens.shape[1]} global tokens, not drawn)"
     maps = {
-        f"block {i}: {b.attn.kind}": b.attn.attention_maps(x, points).mean(0)
+        f"block {i}: {b.attn.kind}{extra}": b.attn.attention_maps(x, points).mean(0)
         for i, (b, x) in enumerate(zip(blocks, inputs))
-        if b.attn.exposes_attend
+        if b.attn.exposes_maps
     }
     return maps, points

@@ -1,10 +1,14 @@
 """Attention kinds. Importing this package registers every kind."""
-from .registry import AttnSpec, attention_kinds, create_attention, register_attention
+from .registry import AttnSpec, attention_class, attention_kinds, create_attention, register_attention
 from .rel_pos import bias_grid, resize_bias_table
 from .window import ShiftedWindowAttention, WindowAttention, window_attention
 from .neighborhood import DilatedNeighborhoodAttention, NeighborhoodAttention, neighborhood_attention
 from .grid import GridAttention, grid_attention
 from .global_attn import GlobalAttention, global_attention
+from .global_tokens import global_token_attention
+from .spatial_reduction import SpatialReductionAttention, spatial_reduction_attention
+from .lsh import LSHAttention, lsh_attention
+from .routed import RoutedAttention, routed_attention
 
 __all__ = [
     "AttnSpec",
@@ -23,4 +27,12 @@ __all__ = [
     "GridAttention",
     "global_attention",
     "GlobalAttention",
+    "attention_class",
+    "global_token_attention",
+    "spatial_reduction_attention",
+    "SpatialReductionAttention",
+    "lsh_attention",
+    "LSHAttention",
+    "routed_attention",
+    "RoutedAttention",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .global_tokens import global_token_attention
 from .registry import AttnSpec
 from .rel_pos import resize_bias_table
 
@@ -49,9 +50,38 @@ class QKVAttention(nn.Module):
         out = self.attend(*qkv.unbind(0))  # (B, heads, H, W, D)
         return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
 
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend` plus each query's log-sum-exp of scores ``(B, heads, H, W)`` (global tokens)."""
+        raise TypeError(f"{type(self).__name__} does not support global tokens (no attend_lse())")
+
+    @classmethod
+    def supports_global_tokens(cls) -> bool:
+        return cls.attend_lse is not QKVAttention.attend_lse
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, *S, C)`` tokens -> q, k, v each ``(B, heads, *S, head_dim)``."""
+        B, *S, C = x.shape
+        qkv = self.qkv(x).view(B, -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = (t.reshape(B, self.num_heads, *S, self.head_dim) for t in qkv.unbind(0))
+        return q, k, v
+
+    def forward_global(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map ``(B, H, W, C)`` and global tokens ``(B, G, C)`` -> both updated (see global_tokens.py)."""
+        B, H, W, C = x.shape
+        q, k, v = self.qkv_heads(x)
+        gq, gk, gv = self.qkv_heads(g)
+        out, g_out = global_token_attention(self.attend_lse, q, k, v, gq, gk, gv, self.scale)
+        out = self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
+        return out, self.merge_heads(g_out)
+
     @property
     def exposes_attend(self) -> bool:
         return type(self).attend is not QKVAttention.attend
+
+    @property
+    def exposes_maps(self) -> bool:
+        """Whether :meth:`attention_maps` works: through attend() or a kind's own override."""
+        return self.exposes_attend or type(self).attention_maps is not QKVAttention.attention_maps
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, points: list[tuple[int, int]], pattern_only: bool = False) -> torch.Tensor:
@@ -63,8 +93,7 @@ class QKVAttention(nn.Module):
         """
         _, H, W, C = x.shape
         D, N = self.head_dim, H * W
-        qkv = self.qkv(x).view(1, H, W, 3, self.num_heads, D).permute(3, 0, 4, 1, 2, 5)
-        q, k = qkv[0], qkv[1]
+        q, k, _ = self.qkv_heads(x)
         # One-hot values, fed head_dim columns at a time (kernels may require dim(v) == dim(q)).
         eye = torch.eye(N, -(-N // D) * D, dtype=x.dtype, device=x.device).view(1, 1, H, W, -1)
         if pattern_only:

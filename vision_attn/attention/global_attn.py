@@ -69,5 +69,17 @@ class GlobalAttention(QKVAttention):
         """q, k, v ``(B, heads, H, W, D)`` -> the same shape."""
         return global_attention(q, k, v, self.bias_grid(), self.scale, self.dropout_p)
 
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Explicit softmax, with the per-query log-sum-exp (for global tokens)."""
+        B, nh, H, W, D = q.shape
+        qf, kf, vf = (t.reshape(B, nh, H * W, D) for t in (q, k, v))
+        scores = (qf @ kf.transpose(-1, -2)) * self.scale
+        grid = self.bias_grid()
+        if grid is not None:
+            scores = scores + clipped_bias(grid.to(q.dtype), H, W)
+        lse = scores.logsumexp(-1, keepdim=True)
+        out = torch.exp(scores - lse) @ vf
+        return out.view(B, nh, H, W, D), lse.view(B, nh, H, W)
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, bias_clip={self.window_size}"

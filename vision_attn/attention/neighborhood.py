@@ -251,11 +251,12 @@ def _chunks(n_tiles: int, tile_scores: int) -> list[tuple[int, int]]:
 
 def _gather_chunk(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, plan: TilePlan,
-    tiles: tuple[int, int], scale: float, heads: int, dropout_p: float, seed: int,
+    tiles: tuple[int, int], scale: float, heads: int, dropout_p: float, seed: int, lse: Optional[list] = None,
 ) -> tuple[torch.Tensor, ...]:
     """Query tiles (pre-scaled), key/value halos, softmax and dropout keep-mask of a tile range.
 
-    Tiles are flattened to ``(B*heads*n, rows, D)``; ``keep`` is empty without dropout.
+    Tiles are flattened to ``(B*heads*n, rows, D)``; ``keep`` is empty without dropout. A list
+    passed as ``lse`` receives the scores' log-sum-exp ``(B*heads*n, Q)`` (global tokens).
     """
     BH, N, D = q.shape
     (Q, K), (a, b) = plan.tile_shape, tiles
@@ -264,7 +265,10 @@ def _gather_chunk(
     kc = k.index_select(1, plan.k_index[a * K : b * K]).view(BH * n, K, D)
     vc = v.index_select(1, plan.k_index[a * K : b * K]).view(BH * n, K, D)
     attn = torch.bmm(qc, kc.transpose(1, 2)).view(BH // heads, heads, n, Q, K)
-    attn = attn.add_(mask.index_select(1, plan.pattern[a:b])).view(BH * n, Q, K).softmax(-1)
+    attn = attn.add_(mask.index_select(1, plan.pattern[a:b])).view(BH * n, Q, K)
+    if lse is not None:
+        lse.append(attn.logsumexp(-1))
+    attn = attn.softmax(-1)
     keep = attn.new_empty(0, dtype=torch.bool)
     if dropout_p > 0.0:  # the same keep-mask in forward and backward: seeded per chunk
         gen = torch.Generator(q.device).manual_seed(seed)
@@ -282,35 +286,49 @@ class _TiledAttention(torch.autograd.Function):
     q, k, v are ``(B*heads, H*W, D)``. A problem of at most ``STASH_SCORES`` scores runs as one
     chunk whose tiles and probabilities are kept for backward; a larger one runs in chunks of
     ``CHUNK_SCORES`` and backward recomputes each chunk (one extra GEMM): memory ``O(chunk)``.
+    Returns ``(out, lse)``; ``lse`` (the scores' log-sum-exp, ``(B*heads, H*W)``) is empty unless
+    ``with_lse``. Its gradient ``g`` enters the softmax backward as ``dS = P * (dP - delta + g)``.
     """
 
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                plan: TilePlan, scale: float, dropout_p: float, heads: int) -> torch.Tensor:
+                plan: TilePlan, scale: float, dropout_p: float, heads: int,
+                with_lse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         BH, N, D = q.shape
         (Q, K), dst = plan.tile_shape, plan.out_index
         seed = int(torch.randint(1 << 62, ())) if dropout_p > 0.0 else 0
         chunks = _chunks(plan.num_tiles, BH * Q * K)
         out = q.new_empty(BH, N + 1, D)  # the spare last position absorbs padding queries
+        lse = q.new_empty(BH, N + 1) if with_lse else q.new_empty(0)
         for i, (a, b) in enumerate(chunks):
-            tiles = _gather_chunk(q, k, v, mask, plan, (a, b), scale, heads, dropout_p, seed + i)
+            lse_chunk: Optional[list] = [] if with_lse else None
+            tiles = _gather_chunk(q, k, v, mask, plan, (a, b), scale, heads, dropout_p, seed + i, lse_chunk)
             _, _, vc, attn, keep = tiles
             out.index_copy_(1, dst[a * Q : b * Q], torch.bmm(_dropped(attn, keep, dropout_p), vc).view(BH, -1, D))
+            if lse_chunk:
+                lse.index_copy_(1, dst[a * Q : b * Q], lse_chunk[0].view(BH, -1))
         out = out[:, :N]
+        lse = lse[:, :N] if with_lse else lse
         stash = tiles if len(chunks) == 1 else (None,) * 5
         ctx.save_for_backward(q, k, v, mask, out, *stash)
         ctx.plan, ctx.scale, ctx.dropout_p, ctx.seed, ctx.heads = plan, scale, dropout_p, seed, heads
-        return out
+        ctx.with_lse = with_lse
+        return out, lse
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, grad: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor] = None
+                 ) -> tuple[Optional[torch.Tensor], ...]:
         q, k, v, mask, out, *stash = ctx.saved_tensors
         plan: TilePlan = ctx.plan
         BH, N, D = q.shape
         heads, p = ctx.heads, ctx.dropout_p
         (Q, K), dst = plan.tile_shape, plan.out_index
+        grad = torch.zeros_like(out) if grad is None else grad
+        delta = (grad * out).sum(-1)
+        if ctx.with_lse and grad_lse is not None:
+            delta = delta - grad_lse
         g_all = torch.cat([grad, grad.new_zeros(BH, 1, D)], 1)  # padding queries: zero gradient ...
-        delta_all = torch.cat([(grad * out).sum(-1), grad.new_zeros(BH, 1)], 1)  # ... and zero delta
+        delta_all = torch.cat([delta, grad.new_zeros(BH, 1)], 1)  # ... and zero delta
         grad_q = q.new_empty(BH, N + 1, D)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
         grad_mask = torch.zeros_like(mask) if ctx.needs_input_grad[3] else None
@@ -330,7 +348,7 @@ class _TiledAttention(torch.autograd.Function):
                 grad_mask.index_add_(1, plan.pattern[a:b], ds.view(BH // heads, heads, n, Q, K).sum(0))
             grad_q.index_copy_(1, rows, torch.bmm(ds, kc).view(BH, n * Q, D))
             grad_k.index_add_(1, keys, torch.bmm(ds.transpose(1, 2), qc).view(BH, n * K, D))
-        return grad_q[:, :N].mul_(ctx.scale), grad_k, grad_v, grad_mask, None, None, None, None
+        return grad_q[:, :N].mul_(ctx.scale), grad_k, grad_v, grad_mask, None, None, None, None, None
 
 
 def tiled_attention(
@@ -342,8 +360,12 @@ def tiled_attention(
     grid: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
-) -> torch.Tensor:
-    """Attention inside the per-axis windows ``py`` x ``px``; q, k, v ``(B, heads, H, W, D)``."""
+    return_lse: bool = False,
+) -> Any:
+    """Attention inside the per-axis windows ``py`` x ``px``; q, k, v ``(B, heads, H, W, D)``.
+
+    With ``return_lse`` also the per-query log-sum-exp of the scores, ``(B, heads, H, W)``.
+    """
     B, nh, H, W, D = q.shape
     if (H, W) != (py.length, px.length):
         raise ValueError(f"patterns are for a {py.length}x{px.length} map, got {H}x{W}")
@@ -351,11 +373,13 @@ def tiled_attention(
     if torch.is_autocast_enabled(device):  # run in the autocast dtype, with autocast off inside
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
         with torch.autocast(device, enabled=False):
-            return tiled_attention(q, k, v, py, px, grid, scale, dropout_p)
+            return tiled_attention(q, k, v, py, px, grid, scale, dropout_p, return_lse)
     plan = tile_plan(py, px, q.device)
     mask = pattern_mask(py, px, grid, q)
     flat = [t.reshape(B * nh, H * W, D) for t in (q, k, v)]
-    out = _TiledAttention.apply(*flat, mask, plan, D**-0.5 if scale is None else scale, dropout_p, nh)
+    out, lse = _TiledAttention.apply(*flat, mask, plan, D**-0.5 if scale is None else scale, dropout_p, nh, return_lse)
+    if return_lse:
+        return out.view(B, nh, H, W, D), lse.view(B, nh, H, W)
     return out.view(B, nh, H, W, D)
 
 
@@ -435,6 +459,11 @@ class TiledAttentionModule(QKVAttention):
         """q, k, v ``(B, heads, H, W, D)`` -> the same shape."""
         py, px = self.patterns(q.shape[2], q.shape[3])
         return tiled_attention(q, k, v, py, px, self.bias_grid(), self.scale, self.dropout_p)
+
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`attend` plus the per-query log-sum-exp (global tokens; always the tiled kernel)."""
+        py, px = self.patterns(q.shape[2], q.shape[3])
+        return tiled_attention(q, k, v, py, px, self.bias_grid(), self.scale, self.dropout_p, return_lse=True)
 
 
 @register_attention("neighborhood")

@@ -20,6 +20,11 @@ class AttnSpec:
     attn_drop: float = 0.0
     proj_drop: float = 0.0
     rel_pos_bias: bool = True
+    sr_ratio: int = 1  # spatial_reduction: keys/values from a map downsampled r x r
+    lsh_chunk: int = 64  # lsh: tokens per sorted chunk (each query sees its chunk and the previous one)
+    lsh_buckets: int = 0  # lsh: hash buckets (even); 0 = 2 * ceil(N / chunk) on an N-token map
+    lsh_hashes: int = 1  # lsh: hash rounds, combined by log-sum-exp
+    routed_topk: int = 4  # routed: regions (window_size x window_size tokens) gathered per region
 
 
 def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -35,6 +40,14 @@ def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]
     return add
 
 
+def attention_class(kind: str) -> type[nn.Module]:
+    """The class registered as ``kind``."""
+    try:
+        return _ATTENTION[kind]
+    except KeyError:
+        raise KeyError(f"unknown attention kind {kind!r}; registered: {', '.join(attention_kinds())}") from None
+
+
 def attention_kinds() -> list[str]:
     """Names of every registered attention kind."""
     return sorted(_ATTENTION)
@@ -42,8 +55,4 @@ def attention_kinds() -> list[str]:
 
 def create_attention(kind: str, dim: int, num_heads: int, spec: AttnSpec) -> nn.Module:
     """Instantiate the attention module registered as ``kind``."""
-    try:
-        cls = _ATTENTION[kind]
-    except KeyError:
-        raise KeyError(f"unknown attention kind {kind!r}; registered: {', '.join(attention_kinds())}") from None
-    return cls(dim=dim, num_heads=num_heads, spec=spec)
+    return attention_class(kind)(dim=dim, num_heads=num_heads, spec=spec)

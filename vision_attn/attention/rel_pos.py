@@ -47,3 +47,21 @@ def resize_bias_table(table: torch.Tensor, new_size: int) -> torch.Tensor:
     grid = table.T.reshape(1, heads, old, old).float()
     grid = nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     return grid.reshape(heads, new * new).T.to(table.dtype)
+
+
+def clipped_pair_index(q_pos: torch.Tensor, k_pos: torch.Tensor, width: int, side: int) -> torch.Tensor:
+    """Flat bias-grid index of ``clip(key - query, ±c) + c`` per axis for flat positions ``y * width + x``.
+
+    ``q_pos (..., Q, 1)`` and ``k_pos (..., 1, K)`` broadcast; ``side = 2c + 1`` is the grid side.
+    The broadcast arithmetic runs in float32 (exact below 2**24; vectorised clamps), in place.
+    """
+    c = (side - 1) // 2
+
+    def yx(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.div(pos, width, rounding_mode="floor")
+        return y.float(), (pos - y * width).float()
+
+    (qy, qx), (ky, kx) = yx(q_pos), yx(k_pos)
+    dy = (ky - qy).clamp_(-c, c)
+    dx = (kx - qx).clamp_(-c, c)
+    return dy.mul_(side).add_(dx).add_(c * side + c).long()

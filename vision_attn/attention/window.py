@@ -174,6 +174,32 @@ def window_attention(
     return out.view(B, H, W, nh, Dv).permute(0, 3, 1, 2, 4)
 
 
+def window_attention_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: int,
+    shift: int = 0,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`window_attention` (explicit softmax) plus the per-query log-sum-exp ``(B, heads, H, W)``."""
+    B, nh, H, W, D = q.shape
+    geo = WindowGeometry.of(H, W, window_size, shift)
+    qw, kw, vw = (_heads_to_windows(t, geo) for t in (q, k, v))  # (B, nW, heads, N, D)
+    scores = (qw @ kw.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    if bias is not None:
+        scores = scores + window_bias(bias, geo.wh, geo.ww).to(q.dtype)
+    allowed = allowed_mask(geo, q.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    out = torch.cat([scores.softmax(-1) @ vw, scores.logsumexp(-1, keepdim=True)], -1)  # lse: one more channel
+    Dv = out.shape[-1]
+    out = unpartition(out.transpose(2, 3).reshape(B, geo.num_windows, -1, nh * Dv), geo)
+    out = out.view(B, H, W, nh, Dv).permute(0, 3, 1, 2, 4)
+    return out[..., :-1], out[..., -1]
+
+
 @register_attention("window")
 class WindowAttention(QKVAttention):
     """Swin W-MSA on a ``(B, H, W, C)`` map, with a learned relative position bias."""
@@ -196,6 +222,9 @@ class WindowAttention(QKVAttention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v ``(B, heads, H, W, D)`` -> the same shape."""
         return window_attention(q, k, v, self.window_size, self.shift_size, self.bias_grid(), self.scale)
+
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return window_attention_lse(q, k, v, self.window_size, self.shift_size, self.bias_grid(), self.scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape

@@ -5,6 +5,10 @@
 
 Every kind runs as its functional kernel on the same ``q, k, v`` ``(B, heads, L, L, D)`` with a
 learned relative position bias (gradients flow into a timm-layout table), forward + backward.
+Beyond-local kinds: ``spatial_reduction`` (k, v average-pooled by ``SR_RATIO``, standing in for the
+module's depthwise strided conv), ``lsh`` (chunks of ``LSH_CHUNK``, one hash round, keys hashed),
+``routed`` (regions of ``KERNEL`` x ``KERNEL``, top ``ROUTED_TOPK``) and ``window+global_tokens``
+(window attention merged with ``GLOBAL_TOKENS`` global tokens, here the first map tokens' q, k, v).
 
 * Time: all kinds in ONE process, interleaved over repetitions (the order rotates every
   repetition), after one warm-up call each; the median is reported with the ratio to window.
@@ -36,13 +40,20 @@ from typing import Callable, Optional
 
 import torch
 
+import torch.nn.functional as F
+
 from vision_attn.attention import global_attention, grid_attention, neighborhood_attention, window_attention
+from vision_attn.attention import global_token_attention, lsh_attention, routed_attention, spatial_reduction_attention
+from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
+from vision_attn.attention.window import window_attention_lse
 from vision_attn.attention import neighborhood as nb
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
 from vision_attn.bench.common import machine
 
 B, HEADS, HEAD_DIM, KERNEL = 2, 3, 32, 7
-KINDS = ["window", "shifted_window", "neighborhood", "dilated_2", "dilated_3", "dilated_4", "grid", "global"]
+SR_RATIO, LSH_CHUNK, ROUTED_TOPK, GLOBAL_TOKENS = 4, 64, 4, 4
+KINDS = ["window", "shifted_window", "neighborhood", "dilated_2", "dilated_3", "dilated_4", "grid", "global",
+         "spatial_reduction", "lsh", "routed", "window+global_tokens"]
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -65,7 +76,40 @@ def kernel_for(kind: str) -> Kernel:
         return lambda q, k, v, g: grid_attention(q, k, v, KERNEL, g)
     if kind == "global":
         return lambda q, k, v, g: global_attention(q, k, v, g)
+    if kind in BEYOND_LOCAL:
+        return BEYOND_LOCAL[kind]
     raise ValueError(f"unknown kind {kind!r}")
+
+
+def _spatial_reduction(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    B, nh, H, W, D = k.shape
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        t = F.avg_pool2d(t.reshape(B * nh, H, W, D).permute(0, 3, 1, 2), SR_RATIO, ceil_mode=True)
+        return t.permute(0, 2, 3, 1).reshape(B, nh, t.shape[-2], t.shape[-1], D)
+
+    return spatial_reduction_attention(q, pool(k), pool(v), SR_RATIO, g)
+
+
+def _lsh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    nh, N, D = q.shape[1], q.shape[2] * q.shape[3], q.shape[-1]
+    rot = lsh_rotations(1, nh, D, lsh_num_buckets(N, LSH_CHUNK), seed=0, device=q.device, dtype=q.dtype)
+    return lsh_attention(q, k, v, rot, LSH_CHUNK, g)
+
+
+def _window_global_tokens(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    gq, gk, gv = (t.flatten(2, 3)[:, :, :GLOBAL_TOKENS] for t in (q, k, v))
+    local = lambda q, k, v: window_attention_lse(q, k, v, KERNEL, 0, g)  # noqa: E731
+    out, g_out = global_token_attention(local, q, k, v, gq, gk, gv)
+    return out + g_out.sum() * 0  # the global tokens' output joins the graph
+
+
+BEYOND_LOCAL: dict[str, Kernel] = {
+    "spatial_reduction": _spatial_reduction,
+    "lsh": _lsh,
+    "routed": lambda q, k, v, g: routed_attention(q, k, v, KERNEL, ROUTED_TOPK, g),
+    "window+global_tokens": _window_global_tokens,
+}
 
 
 @dataclass
@@ -95,6 +139,9 @@ def global_estimate_bytes(size: int) -> int:
 
 
 def skipped(kind: str, size: int, cap_gb: float) -> bool:
+    """Quadratic kinds over the memory cap: global, and spatial_reduction (N * N / r^2 scores)."""
+    if kind == "spatial_reduction":
+        return global_estimate_bytes(size) / SR_RATIO**2 > cap_gb * 1e9
     return kind == "global" and global_estimate_bytes(size) > cap_gb * 1e9
 
 
@@ -194,7 +241,8 @@ def measure_memory(kind: str, size: int, threads: int, reps: int) -> dict[str, f
 
 def markdown(rows: list[dict], reps: int) -> str:
     lines = [
-        f"B={B}, heads={HEADS}, D={HEAD_DIM}, k = window = grid = {KERNEL}, relative position bias, "
+        f"B={B}, heads={HEADS}, D={HEAD_DIM}, k = window = grid = region = {KERNEL}, sr_ratio={SR_RATIO}, "
+        f"lsh chunk={LSH_CHUNK}, routed top-{ROUTED_TOPK}, {GLOBAL_TOKENS} global tokens, relative position bias, "
         f"forward+backward, median of >= {reps} interleaved runs; {machine()}",
         "",
         "| map | kind | time ms (median) | time / window | peak MB | peak / window |",
