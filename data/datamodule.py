@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_attn.errors import ConfigError
 
-from . import shapes
+from . import photos, shapes
 from .augment import AugmentConfig, BatchAugment
 from .resumable import resumable_train_loader
 
@@ -99,6 +99,8 @@ class BaseDataModule(L.LightningDataModule):
 class ShapesDataModule(BaseDataModule):
     """The embedded procedural dataset (see :mod:`data.shapes`). ``augment``: batch-level keys only."""
 
+    name = "shapes"
+    dataset = shapes.ShapesDataset
     classes = shapes.CLASSES
     mean, std = shapes.MEAN, shapes.STD
 
@@ -117,17 +119,26 @@ class ShapesDataModule(BaseDataModule):
         per_image = sorted(set(augment or {}) & set(AugmentConfig.SAMPLE_KEYS))
         if per_image:
             raise ConfigError(
-                f"data.augment.{per_image[0]}: shapes takes only batch-level augmentation (mixup, cutmix, "
-                "reprob...): its labels are directions, which crops, flips and RandAugment would change"
+                f"data.augment.{per_image[0]}: {self.name} takes only batch-level augmentation (mixup, cutmix, "
+                "reprob...): its images are rendered (and randomised) per index already"
             )
         super().__init__(image_size, batch_size, num_workers, augment)
         check_positive(train_size=train_size, val_size=val_size, test_size=test_size)
-        if num_classes not in (None, len(shapes.CLASSES)):
-            raise ConfigError(f"data.num_classes={num_classes}: shapes has exactly {len(shapes.CLASSES)} classes")
-        self.num_classes = len(shapes.CLASSES)
+        if num_classes not in (None, len(self.classes)):
+            raise ConfigError(f"data.num_classes={num_classes}: {self.name} has exactly {len(self.classes)} classes")
+        self.num_classes = len(self.classes)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.seed = seed
 
     def setup(self, stage: Optional[str] = None) -> None:
         for split, length in self.sizes.items():
-            self.splits.setdefault(split, shapes.ShapesDataset(split, length, self.image_size, self.seed))
+            self.splits.setdefault(split, self.dataset(split, length, self.image_size, self.seed))
+
+
+class PhotosDataModule(ShapesDataModule):
+    """Offline real-photo crops (see :mod:`data.photos`): scikit-image's photographs, no download."""
+
+    name = "photos"
+    dataset = photos.PhotosDataset
+    classes = photos.CLASSES
+    mean, std = BaseDataModule.mean, BaseDataModule.std

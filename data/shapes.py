@@ -68,6 +68,7 @@ class ShapesDataset(Dataset):
     """
 
     classes = CLASSES
+    render = staticmethod(render)  # (seed, split, index, size) -> (uint8 HWC image, label)
 
     def __init__(self, split: str, length: int, image_size: int = 64, seed: int = 0, cache: bool = True) -> None:
         if split not in SPLITS:
@@ -83,7 +84,7 @@ class ShapesDataset(Dataset):
             raise IndexError(index)
         if self.cache is not None and index in self.cache:
             return self.cache[index]
-        img, label = render(self.seed, self.split, index, self.image_size)
+        img, label = self.render(self.seed, self.split, index, self.image_size)
         item = torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
         if self.cache is not None:
             self.cache[index] = item

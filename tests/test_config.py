@@ -115,7 +115,7 @@ def test_attention_ablation_sweeps_every_variant_at_comparable_size():
     params = cfg.hydra.sweeper.params
     variants = params.model.split(",")
     assert set(variants) == set(VARIANTS) and params.seed == "0,1,2"
-    assert set(params.data.split(",")) == {"shapes", "imagenette"}
+    assert set(params.data.split(",")) == {"shapes", "photos"}
     counts = {}
     for variant in variants:
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
