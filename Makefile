@@ -24,9 +24,11 @@ test: venv  ## the fast test suite
 test-slow: venv  ## the slow tests (long trainings, big benchmarks)
 	$(PY) -m pytest -q -m slow $(ARGS)
 
-bench: venv  ## all benchmarks; see README
+bench: venv  ## all benchmarks (tables and plots in bench_out/); see README
 	$(PY) -m vision_attn.bench attention
 	$(PY) -m vision_attn.bench model
+	$(PY) -m vision_attn.bench data
+	$(PY) -m vision_attn.bench knobs
 
 clean:
 	rm -rf outputs multirun bench_out
