@@ -33,3 +33,14 @@ def train_runner(tmp_path):
         return run_train(list(args), tmp_path, env)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny ops on a shared 2-core box: one intra-op thread avoids OpenMP stalls."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

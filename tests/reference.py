@@ -326,3 +326,15 @@ def routed_reference(q, k, v, region: int, topk: int, grid=None, scale=None):
         bias = clipped_offsets_bias(grid, yx, yx)
     flat = [t.reshape(B, nh, H * W, -1) for t in (q, k, v)]
     return full_attention(*flat, allowed, bias, scale).reshape(B, nh, H, W, -1)
+
+
+def random_qkv(B: int, nh: int, H: int, W: int, D: int = 4, seed: int = 0) -> list[torch.Tensor]:
+    """Seeded float64 q, k, v of shape ``(B, heads, H, W, D)``."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, nh, H, W, D, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+def random_bias(nh: int, size: int, seed: int = 1) -> torch.Tensor:
+    """Seeded float64 ``(heads, 2*size-1, 2*size-1)`` relative position bias grid."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(nh, 2 * size - 1, 2 * size - 1, generator=g, dtype=torch.float64)

@@ -8,29 +8,14 @@ import vision_attn.attention as attention
 from vision_attn.attention import AttnSpec, create_attention, global_attention, grid_attention, neighborhood_attention
 from vision_attn.attention.rel_pos import bias_grid
 
-from reference import global_reference, grid_reference
+from reference import random_bias, random_qkv, global_reference, grid_reference
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 NEW_KINDS = ["neighborhood", "dilated", "grid", "global"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread avoids OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def qkv(B: int, nh: int, H: int, W: int, D: int = 4, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, nh, H, W, D, generator=g, dtype=torch.float64) for _ in range(3)]
-
-
-def bias(nh: int, size: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(nh, 2 * size - 1, 2 * size - 1, generator=g, dtype=torch.float64)
+pytestmark = pytest.mark.usefixtures("one_thread")
+qkv, bias = random_qkv, random_bias
 
 
 # ----------------------------------------------------------------------------- grid
@@ -138,13 +123,13 @@ def test_module_equals_reference(kind: str, ref: str) -> None:
     torch.testing.assert_close(m(x), m.proj(expect.permute(0, 2, 3, 1, 4).reshape(2, 7, 10, 8)), **TOL)
 
 
-@pytest.mark.parametrize("kind", ["grid", "global"])
+@pytest.mark.parametrize("kind", ["neighborhood", "dilated", "grid", "global"])
 def test_module_trains(kind: str) -> None:
     """A student fits a teacher of the same kind; the bias table receives gradients."""
     torch.manual_seed(0)
-    spec = AttnSpec(window_size=3)
+    spec = AttnSpec(window_size=3, kernel_size=3, dilation=2)
     student, teacher = create_attention(kind, 16, 2, spec), create_attention(kind, 16, 2, spec)
-    x = torch.randn(2, 9, 12, 16)
+    x = torch.randn(2, 10, 12, 16)
     with torch.no_grad():
         target = teacher(x)
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)

@@ -14,7 +14,7 @@ from vision_attn.attention.window import window_attention_lse
 from vision_attn.errors import ConfigError
 from vision_attn.visualize import kind_patterns, learned_maps
 
-from reference import (axis_pairs_reference, clipped_offsets_bias, global_axis_reference, global_reference,
+from reference import (random_bias, random_qkv, axis_pairs_reference, clipped_offsets_bias, global_axis_reference, global_reference,
                        global_tokens_reference, grid_axis_reference, lsh_pairs_reference, lsh_reference,
                        neighborhood_axis_reference, routed_pairs_reference, routed_reference,
                        spatial_reduction_reference, window_pairs_reference)
@@ -24,28 +24,14 @@ NEW_KINDS = ["spatial_reduction", "lsh", "routed"]
 NEW_VARIANTS = ["swin_global_tokens", "swin_sr", "swin_lsh", "swin_routed"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops on a shared 2-core box: one intra-op thread avoids OpenMP stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def qkv(B: int, nh: int, H: int, W: int, D: int = 4, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, nh, H, W, D, generator=g, dtype=torch.float64) for _ in range(3)]
+pytestmark = pytest.mark.usefixtures("one_thread")
+qkv, bias = random_qkv, random_bias
 
 
 def tokens(B: int, nh: int, G: int, D: int = 4, seed: int = 9) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(B, nh, G, D, generator=g, dtype=torch.float64) for _ in range(3)]
 
-
-def bias(nh: int, size: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(nh, 2 * size - 1, 2 * size - 1, generator=g, dtype=torch.float64)
 
 
 def module(kind: str, dim: int = 8, heads: int = 2, seed: int = 0, **spec) -> torch.nn.Module:

@@ -45,10 +45,7 @@ class QKVAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)`` through :meth:`attend` (kinds may override)."""
-        B, H, W, C = x.shape
-        qkv = self.qkv(x).view(B, H, W, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        out = self.attend(*qkv.unbind(0))  # (B, heads, H, W, D)
-        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
+        return self.out_proj(self.attend(*self.map_qkv(x)))
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`attend` plus each query's log-sum-exp of scores ``(B, heads, H, W)`` (global tokens)."""
@@ -67,12 +64,18 @@ class QKVAttention(nn.Module):
 
     def forward_global(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Map ``(B, H, W, C)`` and global tokens ``(B, G, C)`` -> both updated (see global_tokens.py)."""
-        B, H, W, C = x.shape
-        q, k, v = self.qkv_heads(x)
         gq, gk, gv = self.qkv_heads(g)
-        out, g_out = global_token_attention(self.attend_lse, q, k, v, gq, gk, gv, self.scale)
-        out = self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
-        return out, self.merge_heads(g_out)
+        out, g_out = global_token_attention(self.attend_lse, *self.map_qkv(x), gq, gk, gv, self.scale)
+        return self.out_proj(out), self.merge_heads(g_out)
+
+    def map_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``(B, heads, H, W, D)`` of a ``(B, H, W, C)`` map (kinds that reduce keys override)."""
+        return self.qkv_heads(x)
+
+    def out_proj(self, out: torch.Tensor) -> torch.Tensor:
+        """``(B, heads, H, W, D)`` attention output -> projected ``(B, H, W, C)``."""
+        B, nh, H, W, D = out.shape
+        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, nh * D)))
 
     @property
     def exposes_attend(self) -> bool:

@@ -189,11 +189,6 @@ class LSHAttention(QKVAttention):
         rot = self.rotations(q.shape[2] * q.shape[3], q)
         return lsh_attention(q, k, v, rot, self.chunk, self.bias_grid(), self.scale, True, self.dropout_p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        out = self.attend(*self.qkv_heads(x))
-        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
-
     @torch.no_grad()
     def attention_maps(
         self, x: torch.Tensor, points: list[tuple[int, int]], pattern_only: bool = False

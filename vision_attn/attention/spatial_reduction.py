@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import QKVAttention
-from .global_tokens import global_token_attention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 
@@ -108,7 +107,7 @@ class SpatialReductionAttention(QKVAttention):
         x = F.pad(x, (0, 0, 0, reduced_size(W, r) * r - W, 0, reduced_size(H, r) * r - H))
         return self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def map_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``(B, heads, H, W, D)`` from ``x``; k, v ``(B, heads, Hr, Wr, D)`` from the reduced map."""
         B, H, W, C = x.shape
         nh, D = self.num_heads, self.head_dim
@@ -120,7 +119,7 @@ class SpatialReductionAttention(QKVAttention):
         return q, kv[0], kv[1]
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q ``(B, heads, H, W, D)`` over REDUCED k, v (from :meth:`project`), with the log-sum-exp."""
+        """q ``(B, heads, H, W, D)`` over REDUCED k, v (from :meth:`map_qkv`), with the log-sum-exp."""
         B, nh, H, W, D = q.shape
         scores = q.reshape(B, nh, H * W, D) @ k.reshape(B, nh, -1, D).transpose(-1, -2) * self.scale
         grid = self.bias_grid()
@@ -129,20 +128,9 @@ class SpatialReductionAttention(QKVAttention):
         out = scores.softmax(-1) @ v.reshape(B, nh, -1, v.shape[-1])
         return out.view(B, nh, H, W, -1), scores.logsumexp(-1).view(B, nh, H, W)
 
-    def forward_global(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Map and global tokens: map queries see the reduced map + the tokens; tokens see the same."""
-        B, H, W, C = x.shape
-        q, k, v = self.project(x)
-        gq, gk, gv = self.qkv_heads(g)
-        out, g_out = global_token_attention(self.attend_lse, q, k, v, gq, gk, gv, self.scale)
-        out = self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
-        return out, self.merge_heads(g_out)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, H, W, C = x.shape
-        q, k, v = self.project(x)
-        out = spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p)
-        return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)))
+        q, k, v = self.map_qkv(x)
+        return self.out_proj(spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p))
 
     @torch.no_grad()
     def attention_maps(
@@ -151,7 +139,7 @@ class SpatialReductionAttention(QKVAttention):
         """``(heads, P, H, W)``: each key cell's weight spread evenly over the real tokens it covers."""
         _, H, W, _ = x.shape
         r = self.sr_ratio
-        q, k, _ = self.project(x)
+        q, k, _ = self.map_qkv(x)
         Hr, Wr = k.shape[2:4]
         idx = torch.tensor([py * W + px for py, px in points], device=x.device)
         qp = q[0].flatten(1, 2)[:, idx]  # (heads, P, D)
