@@ -12,7 +12,7 @@ from vision_attn.attention.neighborhood import neighborhood_patterns, tiled_atte
 from vision_attn.attention.rel_pos import bias_grid
 from vision_attn.attention.window import window_attention_lse
 from vision_attn.errors import ConfigError
-from vision_attn.visualize import kind_patterns, learned_maps
+from vision_attn.visualize import kind_patterns, learned_maps, query_points
 
 from reference import (random_bias, random_qkv, axis_pairs_reference, clipped_offsets_bias, global_axis_reference, global_reference,
                        global_tokens_reference, grid_axis_reference, lsh_pairs_reference, lsh_reference,
@@ -253,10 +253,23 @@ def test_attention_maps_are_distributions_over_allowed_keys(kind: str, pattern_o
 
 
 def test_visualize_draws_every_new_kind() -> None:
-    maps = kind_patterns(16, 2, 8, 8, window_size=4, kernel_size=5)
+    maps = kind_patterns(16, 2, 8, 8, AttnSpec(window_size=4, kernel_size=5))
     assert set(NEW_KINDS) <= set(maps)
     for kind in NEW_KINDS:
         torch.testing.assert_close(maps[kind].sum((-1, -2)), torch.ones(3), rtol=1e-5, atol=1e-5)
+
+
+def test_pattern_picture_shows_each_kind_exact_receptive_field() -> None:
+    """The picture's support is the reference's allowed keys: dilated at d=2, not a plain neighborhood."""
+    H = W = 12
+    maps = kind_patterns(16, 2, H, W, AttnSpec(window_size=4, kernel_size=5))
+    points = query_points(H, W)
+    for kind, (ay, ax) in {"neighborhood": (neighborhood_axis_reference(H, 5, 1), neighborhood_axis_reference(W, 5, 1)),
+                           "dilated": (neighborhood_axis_reference(H, 5, 2), neighborhood_axis_reference(W, 5, 2))}.items():
+        for p, (qy, qx) in enumerate(points):
+            expected = torch.tensor(ay[0][qy])[:, None] & torch.tensor(ax[0][qx])[None, :]
+            assert torch.equal(maps[kind][p] > 0, expected), (kind, qy, qx)
+    assert not torch.equal(maps["dilated"] > 0, maps["neighborhood"] > 0)
 
 
 @pytest.mark.parametrize("variant", NEW_VARIANTS)

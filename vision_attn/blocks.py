@@ -76,6 +76,7 @@ class Stage(nn.Module):
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
+        self.specs = tuple(specs)
         self.downsample = create_downsample(downsample, dim, out_dim) if downsample else nn.Identity()
         # ``global_tokens`` learned tokens every map query also attends to (and that attend to all).
         self.global_tokens = nn.Parameter(torch.zeros(1, global_tokens, out_dim)) if global_tokens else None

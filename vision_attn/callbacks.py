@@ -160,10 +160,10 @@ class ImageLogger(L.Callback):
                   self.out_dir, "true → predicted")
         log_image(trainer, "attention/learned", attention_figure(pixels[0], maps, points, "learned stage-1 attention"),
                   self.out_dir)
-        attn = pl_module.model.layers[0].blocks[0].attn
+        stage = pl_module.model.layers[0]
+        attn, spec = stage.blocks[0].attn, max(stage.specs, key=lambda s: s.dilation)
         h, w = next(iter(maps.values())).shape[-2:]
-        spec = dict(window_size=getattr(attn, "window_size", 7), kernel_size=getattr(attn, "kernel_size", 7))
-        patterns = kind_patterns(attn.dim, attn.num_heads, h, w, **spec)
+        patterns = kind_patterns(attn.dim, attn.num_heads, h, w, spec)
         log_image(trainer, "attention/patterns",
                   attention_figure(pixels[0], patterns, points, "receptive field of each attention kind (stage 1)"),
                   self.out_dir)

@@ -1,6 +1,8 @@
 """Pictures: validation predictions and attention maps over the input image."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import io
 from typing import Sequence
 
@@ -51,18 +53,17 @@ def query_points(h: int, w: int) -> list[tuple[int, int]]:
     return [(0, 0), (h // 2, w // 2), (min(h - 1, (3 * h) // 4 + 1), max(0, w // 4 - 1))]
 
 
-def kind_patterns(
-    dim: int, num_heads: int, h: int, w: int, window_size: int, kernel_size: int, dilation: int = 2,
-    sr_ratio: int = 2,
-) -> dict[str, torch.Tensor]:
+def kind_patterns(dim: int, num_heads: int, h: int, w: int, spec: AttnSpec, sr_ratio: int = 2) -> dict[str, torch.Tensor]:
     """Receptive field of every registered kind on an ``h x w`` token map: ``{kind: (P, h, w)}``.
 
+    ``spec`` is the stage's (window, kernel...); the dilation shown is at least 2 and the
+    reduction ratio ``sr_ratio``, so those kinds differ visibly from their plain neighbours.
     Fresh modules with q = k = 0 attend uniformly over exactly the keys each query may see.
     Data-dependent kinds (lsh, routed) hash / route on a fixed random map, so the picture shows
     the keys they pick for a typical input.
     """
     points = query_points(h, w)
-    spec = AttnSpec(window_size=window_size, kernel_size=kernel_size, dilation=dilation, sr_ratio=sr_ratio)
+    spec = replace(spec, dilation=max(spec.dilation, 2), sr_ratio=sr_ratio, attn_drop=0.0, proj_drop=0.0)
     x = torch.randn(1, h, w, dim, generator=torch.Generator().manual_seed(0))
     maps = {}
     for kind in attention_kinds():
