@@ -83,7 +83,8 @@ class ImageDataModule(BaseDataModule):
     ) -> None:
         super().__init__(image_size, batch_size, num_workers, augment)
         if root is None or str(root) in ("", "???"):
-            raise ConfigError("data.root is not set: pass data.root=/path/to/the/dataset")
+            how = " (add data.download=true to fetch it there)" if type(self).download_data is not ImageDataModule.download_data else ""
+            raise ConfigError(f"data.root is not set: pass data.root=/path/to/the/dataset{how}")
         self.root = Path(os.path.expanduser(str(root)))
         self.download, self.skip_corrupt = bool(download), bool(skip_corrupt)
         self.crop_pct, self.interpolation = float(crop_pct), interpolation

@@ -12,8 +12,6 @@ from vision_attn.errors import ConfigError
 from vision_attn.summary import summarize
 from vision_attn.timm_models import NAMES, timm_name
 
-SWIN_KINDS = ["swin", "swin_window", "swin_global", "maxvit_like"]
-LOCAL_KINDS = ["swin_local", "swin_dilated"]
 
 
 def tiny_timm_swin(img: int = 64, window: int = 4, classes: int = 7) -> SwinTransformer:
@@ -64,7 +62,7 @@ def test_features_only_gives_multiscale_maps():
     assert model.feature_info.reduction() == [4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("variant", SWIN_KINDS)
+@pytest.mark.parametrize("variant", sorted(va.VARIANTS))
 @pytest.mark.parametrize("hw", [(50, 70), (65, 47), (32, 32)])
 def test_any_input_resolution(variant, hw):
     model = va.create_model(variant, "pico", num_classes=3, img_size=64).eval()
@@ -125,7 +123,8 @@ def test_timm_surface_no_weight_decay_and_grad_checkpointing():
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(torch.autograd.grad(out.sum(), model.patch_embed.proj.weight)[0], g_ref)
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
-    assert model.pretrained_cfg["classifier"] == "head.fc" if hasattr(model, "pretrained_cfg") else True
+    assert model.pretrained_cfg["classifier"] == "head.fc" and model.pretrained_cfg["input_size"] == (3, 32, 32)
+    assert timm.data.resolve_model_data_config(model)["input_size"] == (3, 32, 32)
 
 
 def test_swin_tiny_matches_the_paper_shapes():

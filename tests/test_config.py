@@ -44,6 +44,13 @@ def test_every_variant_has_a_config(variant):
         ("model.size=huge", "model.size"),
         ("model.drop_path_rate=1.5", "model.drop_path_rate"),
         ("data.batch_size=0", "data.batch_size"),
+        ("model.window_size=[4,4]", "model.window_size"),
+        ("model.kernel_size=[5,5,5]", "model.kernel_size"),
+        ("model.dilations=[[1,2]]", "model.dilations"),
+        ("model.dilations=[[1,0],[1],[1],[1]]", "model.dilations"),
+        ("model.stem=foo", "model.stem"),
+        ("model.downsample=foo", "model.downsample"),
+        ("model.mlp_ratio=0", "model.mlp_ratio"),
     ],
 )
 def test_invalid_values_raise_config_error_naming_the_key(override, key):

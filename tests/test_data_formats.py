@@ -74,6 +74,18 @@ def test_every_dataset_config_composes_and_names_a_missing_root_with_the_fix(nam
     assert str(tmp_path / "missing") in str(error) and HINTS[name] in str(error)
 
 
+@pytest.mark.parametrize("name", DATASETS)
+def test_no_data_root_at_all_is_a_config_error_naming_the_key(name):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"data={name}"])
+    with pytest.raises(Exception) as info:
+        instantiate(cfg.data)
+    error = config_error_in(info.value)
+    assert isinstance(error, ConfigError), repr(info.value)
+    assert "data.root is not set" in str(error)
+    assert ("data.download=true" in str(error)) == ("download" in cfg.data)
+
+
 @pytest.mark.parametrize("size,folder", [("full", "imagenette2"), ("320", "imagenette2-320"), ("160", "imagenette2-160")])
 def test_imagenette_sizes_use_fastai_folders_and_imagenet_names(tmp_path, size, folder):
     make_fastai(tmp_path, folder)

@@ -1,6 +1,7 @@
 """LightningModule: image classification with any backbone variant."""
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import lightning as L
@@ -129,11 +130,19 @@ class ClassificationModule(L.LightningModule):
         self._shared_step(batch, "test")
 
     def _warmup_steps(self, total_steps: int) -> int:
+        """``optim.warmup_epochs`` in optimizer steps (also when training by ``trainer.max_steps``)."""
         epochs = float(self.optim.get("warmup_epochs", 0.0))
-        max_epochs = self.trainer.max_epochs if self.trainer else None
-        if not epochs or not max_epochs or max_epochs < 1:
+        if not epochs or self.trainer is None:
             return 0
-        return min(int(epochs * total_steps / max_epochs), max(total_steps - 1, 0))
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and max_epochs >= 1:
+            per_epoch = total_steps / max_epochs
+        else:  # step-based run: one epoch = the train loader's batches per optimizer step
+            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does without max_steps
+            per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
+        if not math.isfinite(per_epoch):
+            return 0
+        return min(int(epochs * per_epoch), max(total_steps - 1, 0))
 
     def configure_optimizers(self) -> dict[str, Any]:
         o = self.optim

@@ -123,12 +123,41 @@ def _validate_beyond_local(kwargs: dict[str, Any]) -> None:
             )
 
 
+STEMS, DOWNSAMPLERS = ("patch", "conv"), ("merge", "conv")
+
+
+def _validate_per_stage(kwargs: dict[str, Any], stages: int) -> None:
+    """Per-stage lists have one entry per stage; dilations are integers >= 1; layer choices exist."""
+    for key in ("window_size", "kernel_size"):
+        value = kwargs.get(key)
+        if isinstance(value, (list, tuple)) and len(value) != stages:
+            raise ConfigError(f"model.{key}={list(value)} must be an integer or one per stage ({stages})")
+    dilations = kwargs.get("dilations")
+    if dilations is not None:
+        ok = isinstance(dilations, (list, tuple)) and len(dilations) == stages and all(
+            isinstance(d, (list, tuple)) and d and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d)
+            for d in dilations
+        )
+        if not ok:
+            raise ConfigError(
+                f"model.dilations={dilations} must hold one list of integers >= 1 per stage ({stages}), "
+                "e.g. [[1,8],[1,4],[1,2],[1]]"
+            )
+    for key, choices in (("stem", STEMS), ("downsample", DOWNSAMPLERS)):
+        if key in kwargs and kwargs[key] not in choices:
+            raise ConfigError(f"model.{key}={kwargs[key]!r}: choose one of {list(choices)}")
+    ratio = kwargs.get("mlp_ratio", 4.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or ratio <= 0:
+        raise ConfigError(f"model.mlp_ratio={ratio} must be a number > 0")
+
+
 def validate(kwargs: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` naming the key for any inconsistent model setting."""
     for key in ("embed_dim", "window_size", "kernel_size", "patch_size"):
         if key in kwargs:
             _positive(kwargs, key)
     depths, heads = list(kwargs["depths"]), list(kwargs["num_heads"])
+    _validate_per_stage(kwargs, len(depths))
     if len(depths) != len(heads):
         raise ConfigError(f"model.depths={depths} and model.num_heads={heads} must have one entry per stage")
     for i, h in enumerate(heads):
@@ -163,6 +192,10 @@ def create_model(
     """
     kwargs = model_kwargs(variant, size, **overrides)
     model = VisionAttnTransformer(img_size=img_size, num_classes=num_classes, **kwargs)
+    from .timm_models import _cfg  # the registry module imports this one
+
+    size_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    model.pretrained_cfg = model.default_cfg = _cfg(num_classes=num_classes, input_size=(3, *size_hw))
     if pretrained:
         from .pretrained import load_pretrained
 

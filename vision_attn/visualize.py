@@ -94,6 +94,7 @@ def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: l
             if r == 0:
                 ax.set_title(f"query ({qy},{qx})", fontsize=8)
     fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(top=1 - 0.55 / fig.get_figheight(), bottom=0.1 / fig.get_figheight())  # title close to the grid
     return figure_to_array(fig)
 
 

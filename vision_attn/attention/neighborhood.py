@@ -331,7 +331,9 @@ class _TiledAttention(torch.autograd.Function):
         delta_all = torch.cat([delta, grad.new_zeros(BH, 1)], 1)  # ... and zero delta
         grad_q = q.new_empty(BH, N + 1, D)
         grad_k, grad_v = torch.zeros_like(k), torch.zeros_like(v)
-        grad_mask = torch.zeros_like(mask) if ctx.needs_input_grad[3] else None
+        # fp32 accumulation: under bf16 autocast the bias gradient sums batch x tiles x patterns terms
+        acc = torch.promote_types(mask.dtype, torch.float32)
+        grad_mask = torch.zeros_like(mask, dtype=acc) if ctx.needs_input_grad[3] else None
         for i, (a, b) in enumerate(_chunks(plan.num_tiles, BH * Q * K)):
             if stash[0] is not None:
                 qc, kc, vc, attn, keep = stash
@@ -345,9 +347,10 @@ class _TiledAttention(torch.autograd.Function):
                 ds.mul_(keep).div_(1.0 - p)
             ds.sub_(delta_all.index_select(1, rows).view(BH * n, Q, 1)).mul_(attn)  # softmax backward
             if grad_mask is not None:  # a learned mask is per head (the bias); sum batch and tiles
-                grad_mask.index_add_(1, plan.pattern[a:b], ds.view(BH // heads, heads, n, Q, K).sum(0))
+                grad_mask.index_add_(1, plan.pattern[a:b], ds.view(BH // heads, heads, n, Q, K).sum(0, dtype=acc))
             grad_q.index_copy_(1, rows, torch.bmm(ds, kc).view(BH, n * Q, D))
             grad_k.index_add_(1, keys, torch.bmm(ds.transpose(1, 2), qc).view(BH, n * K, D))
+        grad_mask = None if grad_mask is None else grad_mask.to(mask.dtype)
         return grad_q[:, :N].mul_(ctx.scale), grad_k, grad_v, grad_mask, None, None, None, None, None
 
 
