@@ -30,6 +30,7 @@ Memory is ``O(N * 2 * chunk * n_hashes)`` scores: no ``N x N`` matrix is built.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -58,6 +59,13 @@ def lsh_rotations(n_hashes: int, heads: int, dim: int, buckets: int, seed: int,
     gen = torch.Generator().manual_seed(seed)
     rot = torch.randn(n_hashes, heads, dim, buckets // 2, generator=gen, dtype=torch.float64)
     return rot.to(device=device, dtype=dtype)
+
+
+@lru_cache(maxsize=64)
+def _cached_rotations(n_hashes: int, heads: int, dim: int, buckets: int, seed: int, device: torch.device,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """:func:`lsh_rotations` drawn once per (layer seed, shape, device, dtype), not every step."""
+    return lsh_rotations(n_hashes, heads, dim, buckets, seed, device, dtype)
 
 
 def lsh_hash(k: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -172,7 +180,7 @@ class LSHAttention(QKVAttention):
         """This module's rotations for an ``n``-token map."""
         b = lsh_num_buckets(n, self.chunk, self.buckets)
         seed = int(self.hash_seed)
-        return lsh_rotations(self.n_hashes, self.num_heads, self.head_dim, b, seed, like.device, like.dtype)
+        return _cached_rotations(self.n_hashes, self.num_heads, self.head_dim, b, seed, like.device, like.dtype)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(B, *S, C)`` -> ``(qk, qk, v)``, each ``(B, heads, *S, head_dim)``."""
