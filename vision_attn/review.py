@@ -87,10 +87,12 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(r["variant"], r["size"], r.get("data"))].append(r)
     rows = []
     for (variant, size, data), runs in groups.items():
+        runs = [r for r in runs if r.get("best_val_acc1") is not None] or runs  # unfinished runs don't count
         acc, acc_sd = _mean_std([r.get("best_val_acc1") for r in runs])
         ips, ips_sd = _mean_std([r.get("images_per_sec") for r in runs])
         rows.append({
-            "variant": variant, "size": size, "data": data, "seeds": len(runs),
+            "variant": variant, "size": size, "data": data,
+            "seeds": sum(r.get("best_val_acc1") is not None for r in runs),
             "params": runs[0].get("params"), "gflops": runs[0].get("gflops"),
             "acc": acc, "acc_sd": acc_sd, "ips": ips, "ips_sd": ips_sd,
             "mem": max((r.get("peak_mem_mb") or 0) for r in runs),

@@ -1,0 +1,24 @@
+"""Review aggregation: mean ± std over seeds, unfinished runs not counted, sorted by accuracy."""
+from __future__ import annotations
+
+import pytest
+
+from vision_attn.review import aggregate, table
+
+
+def run(variant: str, seed: int, acc, ips: float = 100.0) -> dict:
+    return dict(variant=variant, size="pico", data="shapes", seed=seed, params=2_280_934, gflops=0.02,
+                best_val_acc1=acc, images_per_sec=ips, peak_mem_mb=1000 + seed, wall_time_s=40.0)
+
+
+def test_aggregate_means_over_finished_seeds_and_sorts_by_accuracy():
+    rows = aggregate([run("swin", 0, 0.80, 400), run("swin", 1, 0.90, 420), run("swin", 2, None),
+                      run("swin_local", 0, 0.95, 300)])
+    assert [r["variant"] for r in rows] == ["swin_local", "swin"]
+    swin = rows[1]
+    assert swin["seeds"] == 2 and swin["acc"] == pytest.approx(0.85)
+    assert swin["acc_sd"] == pytest.approx(0.0707107, rel=1e-5)  # sample std of 0.80, 0.90
+    assert swin["ips"] == pytest.approx(410.0) and swin["mem"] == 1002
+    lines = table(rows).splitlines()
+    assert lines[2].startswith("| swin_local | pico | shapes | 1 | 2.28 | 0.020 | 95.00 |")
+    assert "| swin | pico | shapes | 2 | 2.28 | 0.020 | 85.00 ± 7.07 | 410 |" in lines[3]
