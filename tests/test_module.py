@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import lightning as L
 import pytest
@@ -82,3 +83,19 @@ def test_loss_uses_label_smoothing_and_metrics_are_top1_top5():
     targets = torch.tensor([1, 4])  # sample 2: true class ranks 5th
     assert module.metrics["val_acc1"](logits, targets).item() == 0.5
     assert module.metrics["val_acc5"](logits, targets).item() == 1.0
+
+
+def test_peak_memory_is_per_run_not_per_process():
+    """Jobs of a Hydra multirun share one process: each must report its own CPU peak, so a 400 MB
+    allocation before the run (an earlier job) must not show up in the run's figure."""
+    from vision_attn.callbacks import PeakMemory, peak_memory_mb
+
+    cpu = torch.device("cpu")
+    big = torch.ones(100_000_000)  # 400 MB, touched
+    del big
+    before = peak_memory_mb(cpu)
+    PeakMemory().on_fit_start(None, L.LightningModule())
+    after = peak_memory_mb(cpu)
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no writable /proc/self/clear_refs: peak memory is the process's lifetime peak here")
+    assert before - after > 300, (before, after)

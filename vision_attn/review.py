@@ -117,22 +117,32 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy against training throughput, one point per (variant, size, data), seed error bars."""
+    """Accuracy against training throughput: one panel per dataset, one colour and marker per
+    (variant, size) shared by all panels and named in the legend, seed spread as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.errorbar(r["ips"], 100 * r["acc"], xerr=r["ips_sd"], yerr=100 * r["acc_sd"], fmt="o", capsize=3)
-        ax.annotate(f"{r['variant']} ({r['size']}{', ' + r['data'] if r['data'] else ''})", (r["ips"], 100 * r["acc"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("training throughput (images/s)")
-    ax.set_ylabel("best val top-1 (%)")
-    ax.set_title("accuracy vs throughput")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
+    datasets = sorted({r["data"] or "" for r in rows})
+    models = sorted({(r["variant"], r["size"]) for r in rows})
+    colors, markers = plt.get_cmap("tab10" if len(models) <= 10 else "tab20"), "osD^v<>pP*XhH"
+    style = {m: dict(color=colors(i % colors.N), marker=markers[i % len(markers)]) for i, m in enumerate(models)}
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 2.2, 4.2), squeeze=False)
+    for ax, data in zip(axes[0], datasets):
+        for r in rows:
+            if (r["data"] or "") == data:
+                ax.errorbar(r["ips"], 100 * r["acc"], xerr=r["ips_sd"], yerr=100 * r["acc_sd"], capsize=3,
+                            markersize=7, linestyle="none", **style[(r["variant"], r["size"])])
+        ax.set_title(data or "runs")
+        ax.set_xlabel("training throughput (images/s)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best val top-1 (%)")
+    handles = [plt.Line2D([], [], linestyle="none", markersize=7, **style[m]) for m in models]
+    labels = [f"{v} ({s})" if len({s for _, s in models}) > 1 else v for v, s in models]
+    fig.legend(handles, labels, loc="center right", frameon=False, fontsize=9)
+    fig.suptitle("accuracy vs throughput (mean ± std over seeds)")
+    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
