@@ -15,8 +15,11 @@ BENCHES = {
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vision_attn.bench", description=__doc__)
-    parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run")
-    args, rest = parser.parse_known_args(argv)
+    parser.add_argument("what", choices=sorted(BENCHES), help="which benchmark to run (then its own --help)")
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in BENCHES:  # `-h`, a typo or nothing: this parser explains
+        parser.parse_args(argv)
+    args, rest = parser.parse_args(argv[:1]), argv[1:]  # the rest, `--help` included, is the bench's
     try:
         module = importlib.import_module(BENCHES[args.what])
     except ModuleNotFoundError as e:
