@@ -124,10 +124,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .visualize import series_styles
+
     datasets = sorted({r["data"] or "" for r in rows})
     models = sorted({(r["variant"], r["size"]) for r in rows})
-    colors, markers = plt.get_cmap("tab10" if len(models) <= 10 else "tab20"), "osD^v<>pP*XhH"
-    style = {m: dict(color=colors(i % colors.N), marker=markers[i % len(markers)]) for i, m in enumerate(models)}
+    style = series_styles(models)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 2.2, 4.2), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         for r in rows:

@@ -26,6 +26,12 @@ def figure_to_array(fig: plt.Figure) -> np.ndarray:
     return np.asarray(Image.open(buf).convert("RGB"))
 
 
+def series_styles(keys: Sequence) -> dict:
+    """A distinct colour and marker per key, stable for a given key order (plots of many kinds)."""
+    colors, markers = plt.get_cmap("tab10" if len(keys) <= 10 else "tab20"), "osD^v<>pP*XhH"
+    return {k: dict(color=colors(i % colors.N), marker=markers[i % len(markers)]) for i, k in enumerate(keys)}
+
+
 def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Normalised ``(N, 3, H, W)`` floats -> uint8 ``(N, H, W, 3)``."""
     m = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)

@@ -296,24 +296,27 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    from vision_attn.visualize import series_styles
+
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.5))
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    styles = series_styles(kinds)
     for kind in kinds:
         pts = [r for r in rows if r["kind"] == kind and not r.get("skipped")]
         tokens = [r["size"] ** 2 for r in pts]
-        axes[0].plot(tokens, [r["ms"] for r in pts], marker="o", label=kind)
+        axes[0].plot(tokens, [r["ms"] for r in pts], label=kind, **styles[kind])
         mem = [(t, r["peak_mb"]) for t, r in zip(tokens, pts) if r.get("peak_mb") is not None]
         if mem:
-            axes[1].plot(*zip(*mem), marker="o", label=kind)
+            axes[1].plot(*zip(*mem), label=kind, **styles[kind])
     for ax, ylabel in zip(axes, ("forward+backward time (ms, median)", "peak memory growth (MB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("tokens (H*W)")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=9, frameon=False)
     fig.suptitle(f"attention kernels, B={B} heads={HEADS} D={HEAD_DIM} k={KERNEL}, with bias")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
