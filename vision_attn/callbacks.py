@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import time
 from typing import Any, Optional
@@ -13,6 +12,8 @@ import torch
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from PIL import Image
+
+from .memory import peak_memory_mb, reset_peak_memory
 
 
 def _fmt(metrics: dict[str, Any], prefix: str) -> str:
@@ -98,40 +99,6 @@ class Throughput(L.Callback):
 
     def rate(self) -> float:
         return self._images / max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
-
-
-def _proc_status_kib(field: str) -> Optional[int]:
-    """A ``/proc/self/status`` field in KiB (Linux), or None where there is no procfs."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: the CUDA allocator's, or on CPU the process's high-water RSS (Linux
-    ``clear_refs``), so runs that share a process (Hydra multirun) each report their own peak."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:  # not Linux, or not permitted: the figure stays the process's lifetime peak
-        pass
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since :func:`reset_peak_memory`: CUDA allocator peak on GPUs, the process's
-    high-water RSS on CPU (model, activations, data and the Python runtime together)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    hwm = _proc_status_kib("VmHWM")
-    return (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
 
 
 class PeakMemory(L.Callback):

@@ -49,6 +49,7 @@ from vision_attn.attention.window import window_attention_lse
 from vision_attn.attention import neighborhood as nb
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
 from vision_attn.bench.common import machine
+from vision_attn.memory import proc_status_kib, reset_cpu_peak
 
 B, HEADS, HEAD_DIM, KERNEL = 2, 3, 32, 7
 SR_RATIO, LSH_CHUNK, ROUTED_TOPK, GLOBAL_TOKENS = 4, 64, 4, 4
@@ -179,24 +180,6 @@ def time_kinds(size: int, kinds: list[str], reps: int, budget: float) -> dict[st
 # ----------------------------------------------------------------------------- memory
 
 
-def _status_kb(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _trim_heap() -> None:
     """Hand freed heap pages back to the OS (glibc), so the kernel cannot reuse setup garbage."""
     try:
@@ -210,10 +193,10 @@ def measure_memory_here(kind: str, size: int) -> dict[str, float | str]:
     inputs = Inputs.make(size)
     fn = kernel_for(kind)
     _trim_heap()
-    base = _status_kb("VmRSS")
-    if base is not None and _reset_hwm():
+    base = proc_status_kib("VmRSS")
+    if base is not None and reset_cpu_peak():
         inputs.step(fn)
-        peak, method = _status_kb("VmHWM"), "VmHWM-VmRSS"
+        peak, method = proc_status_kib("VmHWM"), "VmHWM-VmRSS"
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         inputs.step(fn)

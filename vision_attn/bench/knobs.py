@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from vision_attn.bench.common import interleaved, machine, markdown_table, median
+from vision_attn.memory import cpu_peak_kib, proc_status_kib, reset_cpu_peak
 
 KNOBS = {
     "fp32": {},
@@ -67,12 +68,6 @@ def make_step(knob: str, variant: str, size: str, img: int, batch: int, device: 
     return step
 
 
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024  # kB
-
-
 def _peak_memory_child(args: tuple, queue: "mp.Queue") -> None:
     knob, variant, size, img, batch, device, threads = args
     torch.set_num_threads(threads)
@@ -85,11 +80,10 @@ def _peak_memory_child(args: tuple, queue: "mp.Queue") -> None:
             queue.put(torch.cuda.max_memory_allocated() / 2**20)
             return
         step()  # compilation, optimizer state
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = _status_mb("VmRSS")
+        reset_cpu_peak()  # the peak RSS (VmHWM) restarts from the current RSS
+        before = proc_status_kib("VmRSS") or 0
         step()
-        queue.put(_status_mb("VmHWM") - before)
+        queue.put((cpu_peak_kib() - before) / 1024)
     except Exception as e:  # report, do not hang the parent
         queue.put(f"error: {type(e).__name__}: {e}")
 
