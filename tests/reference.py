@@ -53,20 +53,7 @@ def _window_axis(length: int, window: int, shift: int):
 
 def window_reference(q, k, v, window: int, shift: int = 0, grid=None, scale=None) -> torch.Tensor:
     """(Shifted) window attention by brute force: same window and same shift region only."""
-    B, nh, H, W, D = q.shape
-    ry, wy, ly = _window_axis(H, window, shift)
-    rx, wx, lx = _window_axis(W, window, shift)
-    allowed = torch.zeros(H * W, H * W, dtype=torch.bool)
-    for qi in range(H * W):
-        a, b = divmod(qi, W)
-        for ki in range(H * W):
-            c, d = divmod(ki, W)
-            allowed[qi, ki] = wy[a] == wy[c] and wx[b] == wx[d] and ly[a] == ly[c] and lx[b] == lx[d]
-    bias = None
-    if grid is not None:
-        cen = (grid.shape[-1] - 1) // 2
-        bias = pair_bias(grid, H, W, lambda p, r: (ry[r[0]] - ry[p[0]] + cen, rx[r[1]] - rx[p[1]] + cen)
-                         if allowed[p[0] * W + p[1], r[0] * W + r[1]] else (None, None))
+    allowed, bias = window_pairs_reference(q.shape[2], q.shape[3], window, shift, grid)
     return masked_attention(q, k, v, allowed, bias, scale)
 
 

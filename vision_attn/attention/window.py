@@ -152,6 +152,13 @@ def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
     return t.view(B, geo.num_windows, -1, nh, D).transpose(2, 3)
 
 
+def _windows_to_heads(t: torch.Tensor, geo: WindowGeometry, H: int, W: int) -> torch.Tensor:
+    """``(B, nW, heads, N, D)`` -> ``(B, heads, H, W, D)`` (inverse of :func:`_heads_to_windows`)."""
+    B, nW, nh, N, D = t.shape
+    t = unpartition(t.transpose(2, 3).reshape(B, nW, N, nh * D), geo)
+    return t.view(B, H, W, nh, D).permute(0, 3, 1, 2, 4)
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -168,10 +175,7 @@ def window_attention(
     B, nh, H, W, D = q.shape
     geo = WindowGeometry.of(H, W, window_size, shift)
     qw, kw, vw = (_heads_to_windows(t, geo) for t in (q, k, v))
-    out = windowed_sdpa(qw, kw, vw, geo, bias, scale)  # (B, nW, heads, N, Dv)
-    Dv = v.shape[-1]
-    out = unpartition(out.transpose(2, 3).reshape(B, geo.num_windows, -1, nh * Dv), geo)
-    return out.view(B, H, W, nh, Dv).permute(0, 3, 1, 2, 4)
+    return _windows_to_heads(windowed_sdpa(qw, kw, vw, geo, bias, scale), geo, H, W)
 
 
 def window_attention_lse(
@@ -194,9 +198,7 @@ def window_attention_lse(
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     out = torch.cat([scores.softmax(-1) @ vw, scores.logsumexp(-1, keepdim=True)], -1)  # lse: one more channel
-    Dv = out.shape[-1]
-    out = unpartition(out.transpose(2, 3).reshape(B, geo.num_windows, -1, nh * Dv), geo)
-    out = out.view(B, H, W, nh, Dv).permute(0, 3, 1, 2, 4)
+    out = _windows_to_heads(out, geo, H, W)
     return out[..., :-1], out[..., -1]
 
 
