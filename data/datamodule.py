@@ -77,7 +77,9 @@ class BaseDataModule(L.LightningDataModule):
         std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1) * 255
         return images.float().sub_(mean).div_(std)
 
-    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor], dataloader_idx: int):
+    def on_after_batch_transfer(self, batch: tuple[torch.Tensor, torch.Tensor] | torch.Tensor, dataloader_idx: int):
+        if torch.is_tensor(batch):  # the module's example_input_array (Lightning's summary table)
+            return batch
         images, targets = batch
         images = self.normalize(images)
         if self.trainer is not None and self.trainer.training:

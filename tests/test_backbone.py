@@ -135,6 +135,28 @@ def test_swin_tiny_matches_the_paper_shapes():
     assert s.gflops == pytest.approx(4.49, abs=0.01)  # the paper's 4.5G
 
 
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_flop_counter_counts_the_cpu_fused_sdpa_like_its_math_path(with_mask: bool):
+    """vision_attn.summary registers the CPU fused SDPA op with torch's flop counter (forward and backward)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q, k, v = (torch.randn(2, 3, 16, 8, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 3, 16, 16) if with_mask else None
+
+    def count(backend: SDPBackend) -> dict:
+        with sdpa_kernel(backend), FlopCounterMode(display=False) as counter:
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).sum().backward()
+        return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+    gemm = 2 * 2 * 3 * 16 * 16 * 8  # one (B, heads, 16x8 @ 8x16) batched matmul
+    fused, math = count(SDPBackend.FLASH_ATTENTION), count(SDPBackend.MATH)
+    assert fused["aten._scaled_dot_product_flash_attention_for_cpu"] == 2 * gemm  # q k^T, p v
+    # backward: dv, dp, dq, dk and the recomputed q k^T (the fused kernel keeps no score matrix)
+    assert fused["aten._scaled_dot_product_flash_attention_for_cpu_backward"] == 5 * gemm
+    assert sum(math.values()) == 6 * gemm  # the math path keeps its scores: 2 + 4
+
 def test_layer_scale_and_conv_stem_options():
     model = va.create_model("swin", "pico", num_classes=3, img_size=32, layer_scale_init_value=1e-5, stem="conv",
                             downsample="conv")

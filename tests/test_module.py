@@ -99,3 +99,38 @@ def test_peak_memory_is_per_run_not_per_process():
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("no writable /proc/self/clear_refs: peak memory is the process's lifetime peak here")
     assert before - after > 300, (before, after)
+
+
+def test_lightning_summary_table_counts_the_same_flops_as_our_summary():
+    """Lightning's summary table (example_input_array) and ours agree: 2 FLOPs per multiply-add."""
+    from lightning.pytorch.utilities.model_summary import summarize as lightning_summarize
+
+    from vision_attn.summary import summarize
+
+    module = ClassificationModule(MODEL, num_classes=8, img_size=16, optim=OPTIM)
+    theirs = lightning_summarize(module, max_depth=1)
+    ours = summarize(module.model, 16)
+    assert theirs.total_flops > 0
+    assert theirs.total_flops == pytest.approx(2e9 * ours.gflops, rel=1e-6)
+    assert theirs.total_parameters == ours.params
+    compiled = ClassificationModule({**MODEL, "compile": True}, num_classes=8, img_size=16, optim=OPTIM)
+    assert compiled.example_input_array is None  # no eval-mode compile just for the table
+
+
+def test_fit_prints_lightning_summary_with_our_flops():
+    """Through Trainer.fit: the example input passes the datamodule's batch hook; totals agree."""
+    from lightning.pytorch.callbacks import ModelSummary
+
+    seen: dict = {}
+
+    class Record(ModelSummary):
+        @staticmethod
+        def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                      total_flops, **kwargs) -> None:
+            seen.update(params=total_parameters, flops=total_flops)
+
+    module = ClassificationModule(MODEL, num_classes=8, img_size=16, optim=OPTIM)
+    dm = ShapesDataModule(image_size=16, batch_size=8, train_size=8, val_size=8, test_size=8)
+    L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              callbacks=[Record()], num_sanity_val_steps=0).fit(module, datamodule=dm)
+    assert seen == {"params": module.summary.params, "flops": pytest.approx(2e9 * module.summary.gflops, rel=1e-6)}

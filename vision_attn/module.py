@@ -70,12 +70,14 @@ class ClassificationModule(L.LightningModule):
         )
         self._top_ks = sorted({1, top5})
         self.img_size = img_size
+        if not compile_model:  # Lightning's summary table then shows per-module FLOPs and in/out sizes
+            self.example_input_array = torch.zeros(1, model.get("in_chans", 3), img_size, img_size)
 
     def setup(self, stage: str) -> None:
         """Print and log the model summary (params, GFLOPs at the training resolution)."""
         if stage != "fit":
             return
-        self.summary = summary = summarize(self.model, self.img_size)
+        self.summary = summary = summarize(self.model, self.img_size, self.hparams["model"].get("in_chans", 3))
         rank_zero_info(f"model: {self.hparams['model'].get('variant')} {self.hparams['model'].get('size')}: {summary}")
         for logger in self.loggers:
             logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)

@@ -5,8 +5,26 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
+from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
+
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_CPU_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# torch's flop counter knows the CUDA fused SDPA kernels but not the CPU one, so every
+# FlopCounterMode (ours, Lightning's summary table) would count CPU attention as free.
+if _CPU_SDPA not in flop_registry:
+
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)
+
+
+if _CPU_SDPA_BACKWARD not in flop_registry:
+
+    @register_flop_formula(_CPU_SDPA_BACKWARD)
+    def _cpu_sdpa_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_backward_flop_count(grad_out, query, key, value)
 
 
 @dataclass(frozen=True)
@@ -17,7 +35,8 @@ class ModelSummary:
 
     def __str__(self) -> str:
         h, w = self.img_size
-        return f"{self.params / 1e6:.2f} M params, {self.gflops:.3f} GFLOPs at {h}x{w}"
+        return (f"{self.params / 1e6:.2f} M params, {self.gflops:.3f} GFLOPs at {h}x{w} "
+                "(multiply-adds, the papers' convention; Lightning's table counts 2 FLOPs each)")
 
 
 def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3) -> ModelSummary:
@@ -27,8 +46,7 @@ def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int =
     x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    # The math SDPA backend decomposes into matmuls the counter sees on every device.
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())

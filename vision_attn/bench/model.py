@@ -2,11 +2,16 @@
 
 Training step (forward + backward + SGD step) and inference throughput, alternating the two
 models every repetition; timm runs with its fused attention (``TIMM_FUSED_ATTN=2``).
+
+``--attention-share`` adds a third training case: ours with the window-attention kernel replaced
+by a pass-through (``out = v``; qkv/proj linears, partitions and everything else kept). Its time
+bounds what any attention kernel could buy: with free attention ours would run ``timm / that``.
 """
 from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 os.environ.setdefault("TIMM_FUSED_ATTN", "2")  # must be set before timm is imported
 
@@ -14,6 +19,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 from vision_attn import create_model  # noqa: E402
+from vision_attn.attention import window as window_module  # noqa: E402
 from vision_attn.bench.common import interleaved, machine, markdown_table, median  # noqa: E402
 
 TIMM_NAMES = {"tiny": "swin_tiny_patch4_window7_224", "small": "swin_small_patch4_window7_224"}
@@ -28,6 +34,19 @@ def _train_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, opt: t
         opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def _attention_skipped(step):
+    """``step`` with the window-attention kernel replaced by ``out = v`` (see module docstring)."""
+
+    def pass_through(q, k, v, *args, **kwargs) -> torch.Tensor:
+        return v
+
+    def run() -> None:
+        with mock.patch.object(window_module, "windowed_sdpa", pass_through):
+            step()
+
+    return run
 
 
 def _infer(model: torch.nn.Module, x: torch.Tensor):
@@ -45,6 +64,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--img", type=int, default=224)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--attention-share", action="store_true", help="also time ours with attention skipped")
     args = p.parse_args(argv)
 
     torch.manual_seed(0)
@@ -57,6 +77,9 @@ def main(argv: list[str]) -> int:
         f"{name}|train": _train_step(model, x, y, torch.optim.SGD(model.parameters(), lr=1e-4))
         for name, model in (("vision_attn swin", ours), (f"timm {TIMM_NAMES[args.size]}", theirs))
     }
+    skipped = "vision_attn swin, attention skipped|train"
+    if args.attention_share:
+        cases[skipped] = _attention_skipped(cases["vision_attn swin|train"])
     train_times = interleaved(cases, args.reps)
     infer_cases = {
         "vision_attn swin|infer": _infer(ours, x),
@@ -83,4 +106,8 @@ def main(argv: list[str]) -> int:
     print(f"machine: {machine()}; TIMM_FUSED_ATTN={os.environ['TIMM_FUSED_ATTN']}\n")
     header = ["model", "train img/s", "train vs timm", "infer img/s", "infer vs timm"]
     print(markdown_table(header, rows))
+    if args.attention_share:
+        t_ours, t_skip = median(train_times["vision_attn swin|train"]), median(train_times[skipped])
+        print(f"\nattention share of our training step: {1 - t_skip / t_ours:.1%}; with attention free, "
+              f"ours would train at {base_train / t_skip:.3f}x timm (attention skipped: {args.batch / t_skip:.1f} img/s)")
     return 0
