@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +108,71 @@ def allowed_mask(geo: WindowGeometry, device: torch.device) -> Optional[torch.Te
     return _allowed_on(geo, torch.device(device)) if geo.needs_mask else None
 
 
+def _per_head(t: torch.Tensor, h: int) -> torch.Tensor:
+    """Head ``h`` of ``(B, nW, heads, N, D)`` as ``(B*nW, N, D)``: a view for the layouts
+    :meth:`QKVAttention.split_qkv` and :func:`_heads_to_windows` produce (no copy)."""
+    B, nW, _, N, D = t.shape
+    return t[:, :, h].reshape(B * nW, N, D)
+
+
+def _stack_heads(parts: list[torch.Tensor], B: int) -> torch.Tensor:
+    """Per-head ``(B*nW, N, D)`` results -> ``(B, nW, heads, N, D)``, stored ``(B, nW, N, heads, D)``
+    so that merging heads back into channels is a free view."""
+    out = torch.stack(parts, dim=2)  # (B*nW, N, heads, D)
+    return out.view(B, -1, *out.shape[1:]).transpose(2, 3)
+
+
+class _WindowAttentionFunction(torch.autograd.Function):
+    """softmax(q k^T * scale + mask) v per window, with an explicit backward that returns the mask's
+    (bias') gradient. Training path for a learned bias.
+
+    One batched GEMM per head over all windows, directly on the strided q, k, v views (no copy into
+    a ``(B*nW*heads, N, D)`` batch); ``mask`` ``(1 or nW, heads, N, N)`` broadcasts over the batch and
+    its gradient is reduced once per head. torch's math SDPA, the alternative for a mask that needs
+    a gradient, copies q, k, v, runs a NaN-guarding softmax and, on the 5-D layout, falls back to
+    one GEMM per matrix in backward (``python -m vision_attn.bench attention`` shows the difference).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        B, nW, nh, N, D = q.shape
+        scaled, probs, outs = [], [], []
+        for h in range(nh):
+            qh = _per_head(q, h) * scale
+            scores = torch.bmm(qh, _per_head(k, h).transpose(1, 2))
+            scores.view(B, nW, N, N).add_(mask[:, h])
+            p = scores.softmax(-1)
+            outs.append(torch.bmm(p, _per_head(v, h)))
+            scaled.append(qh)
+            probs.append(p)
+        out = _stack_heads(outs, B)
+        ctx.save_for_backward(k, v, out, *scaled, *probs)
+        ctx.scale, ctx.mask_shape = scale, mask.shape
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        k, v, out, *rest = ctx.saved_tensors
+        B, nW, nh, N, D = out.shape
+        scaled, probs = rest[:nh], rest[nh:]
+        need_q, need_k, need_v, need_mask = ctx.needs_input_grad[:4]
+        dq, dk, dv, dmask = [], [], [], []
+        for h in range(nh):
+            g, p = _per_head(grad, h), probs[h]
+            dv.append(torch.bmm(p.transpose(1, 2), g))
+            delta = (g * _per_head(out, h)).sum(-1, keepdim=True)
+            ds = torch.bmm(g, _per_head(v, h).transpose(1, 2)).sub_(delta).mul_(p)  # softmax backward
+            if need_mask:  # summed over the batch (and over windows for a per-head mask)
+                acc = torch.promote_types(ds.dtype, torch.float32)  # bf16 autocast: sum in fp32
+                dmask.append(ds.view(B, nW, N, N).sum(0, dtype=acc) if ctx.mask_shape[0] > 1
+                             else ds.sum(0, keepdim=True, dtype=acc))
+            dq.append(torch.bmm(ds, _per_head(k, h)).mul_(ctx.scale))
+            dk.append(torch.bmm(ds.transpose(1, 2), scaled[h]))
+        return (_stack_heads(dq, B) if need_q else None, _stack_heads(dk, B) if need_k else None,
+                _stack_heads(dv, B) if need_v else None, torch.stack(dmask, 1).to(grad.dtype) if need_mask else None, None)
+
+
 def windowed_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -127,8 +192,10 @@ def windowed_sdpa(
     elif allowed is not None:
         mask = allowed[:, None]
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        # Training the bias: SDPA's math path on 5-D inputs broadcasts the mask over the batch,
-        # so its gradient is reduced once instead of materialising (B*nW, heads, N, N).
+        if dropout_p == 0.0 and mask.is_floating_point():  # training the bias
+            mask = mask if mask.dim() == 4 else mask[None]
+            return _WindowAttentionFunction.apply(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+        # With attention dropout: SDPA's math path on 5-D inputs broadcasts the mask over the batch.
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     # Otherwise fold (B, nW) into one batch dim: 4-D inputs reach the fused (flash) CPU/GPU kernels.
     B, nW, nh, N, D = q.shape
