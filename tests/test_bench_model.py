@@ -1,4 +1,4 @@
-"""``python -m vision_attn.bench model --attention-share``: the attention-skipped case."""
+"""Benchmark helpers: the model bench's attention-skipped case, the attention bench's halo floor."""
 from __future__ import annotations
 
 import torch
@@ -20,3 +20,15 @@ def test_attention_skipped_step_replaces_only_the_kernel_and_restores_it() -> No
     torch.testing.assert_close(outs[0], expected)
     assert window_module.windowed_sdpa.__name__ == "windowed_sdpa"  # restored afterwards
     assert not torch.allclose(attn(x), expected)
+
+
+def test_attention_bench_halo_floor_reports_each_tile_shape_against_window() -> None:
+    from vision_attn.bench.attention import halo_floor
+
+    rows = halo_floor(14, ["4x8", "1x1"], reps=1)
+    assert [r[1:4] for r in rows] == [
+        ["window", "49 x 49", "1.00x"],
+        ["tile 4x8", "32 x 140", "2.86x"],  # (4+6) x (8+6) halo keys per query vs 49
+        ["tile 1x1", "1 x 49", "1.00x"],
+    ]
+    assert rows[0][5] == "1.00x" and all(float(r[4]) > 0 for r in rows)

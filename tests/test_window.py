@@ -27,9 +27,18 @@ def qkv(B: int, nh: int, H: int, W: int, D: int, seed: int = 0) -> list[torch.Te
     return [torch.randn(B, nh, H, W, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
 
 
+@pytest.fixture(params=["per_head_kernel", "math_sdpa"])
+def bias_training_route(request, monkeypatch):
+    """Run a test through both training routes for a learned bias (see PER_HEAD_MIN_WINDOWS)."""
+    from vision_attn.attention import window as window_module
+
+    monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 0 if request.param == "per_head_kernel" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("H,W,w,s", CASES)
-def test_window_attention_matches_brute_force_forward_and_backward(H, W, w, s, with_bias):
+def test_window_attention_matches_brute_force_forward_and_backward(H, W, w, s, with_bias, bias_training_route):
     q, k, v = qkv(2, 3, H, W, 8)
     grid = torch.randn(3, 2 * w - 1, 2 * w - 1, dtype=torch.float64, requires_grad=True) if with_bias else None
     ours = window_attention(q, k, v, w, s, grid)
@@ -65,7 +74,7 @@ def _pair(H: int, W: int, w: int, s: int, dim: int = 32, heads: int = 4):
 
 
 @pytest.mark.parametrize("H,W,w,s", [(8, 8, 4, 0), (8, 8, 4, 2), (14, 14, 7, 3), (8, 12, 4, 2), (12, 8, 4, 2)])
-def test_block_equals_timm_swin_block_forward_and_backward(H, W, w, s):
+def test_block_equals_timm_swin_block_forward_and_backward(H, W, w, s, bias_training_route):
     ours, theirs = _pair(H, W, w, s)
     x = torch.randn(2, H, W, 32, dtype=torch.float64, requires_grad=True)
     y_ours, y_theirs = ours(x), theirs(x)
@@ -111,12 +120,13 @@ def test_bias_grid_is_key_minus_query_of_timm_table():
 
 
 
-def test_training_with_a_bias_takes_the_per_head_kernel():
-    """Training a bias runs our explicit kernel (not SDPA's math path); gradients equal brute force."""
+def test_training_with_a_bias_takes_the_per_head_kernel_from_enough_windows(monkeypatch):
+    """From PER_HEAD_MIN_WINDOWS windows, training a bias runs our explicit kernel; gradients equal brute force."""
     from unittest import mock
 
     from vision_attn.attention import window as window_module
 
+    monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 2 * 4)  # B=2 x 4 windows: just enough
     q, k, v = qkv(2, 3, 8, 8, 8)
     grid = torch.randn(3, 7, 7, dtype=torch.float64, requires_grad=True)
     kernel = window_module._WindowAttentionFunction
@@ -124,6 +134,8 @@ def test_training_with_a_bias_takes_the_per_head_kernel():
         ours = window_attention(q, k, v, 4, 2, grid)
         with torch.no_grad():
             window_attention(q, k, v, 4, 2, grid)  # inference: the fused SDPA route
+        monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 2 * 4 + 1)
+        window_attention(q, k, v, 4, 2, grid)  # one window short: SDPA's math path
     assert spy.call_count == 1
     ref = window_reference(q, k, v, 4, 2, grid)
     upstream = torch.randn_like(ours)

@@ -108,6 +108,12 @@ def allowed_mask(geo: WindowGeometry, device: torch.device) -> Optional[torch.Te
     return _allowed_on(geo, torch.device(device)) if geo.needs_mask else None
 
 
+#: Batch sizes (windows) from which one GEMM per head beats SDPA's math path, which copies q, k, v
+#: into one (B*nW*heads) batch. Measured on CPU in a module forward+backward (Swin-T shapes, batch
+#: 4): 256 windows x 3 heads 1.13x faster, 64 x 6 even, 16 x 12 0.95x.
+PER_HEAD_MIN_WINDOWS = 128
+
+
 def _per_head(t: torch.Tensor, h: int) -> torch.Tensor:
     """Head ``h`` of ``(B, nW, heads, N, D)`` as ``(B*nW, N, D)``: a view for the layouts
     :meth:`QKVAttention.split_qkv` and :func:`_heads_to_windows` produce (no copy)."""
@@ -192,7 +198,7 @@ def windowed_sdpa(
     elif allowed is not None:
         mask = allowed[:, None]
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        if dropout_p == 0.0 and mask.is_floating_point():  # training the bias
+        if dropout_p == 0.0 and q.shape[0] * q.shape[1] >= PER_HEAD_MIN_WINDOWS:  # training the bias
             mask = mask if mask.dim() == 4 else mask[None]
             return _WindowAttentionFunction.apply(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
         # With attention dropout: SDPA's math path on 5-D inputs broadcasts the mask over the batch.

@@ -48,7 +48,7 @@ from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
 from vision_attn.attention.window import window_attention_lse
 from vision_attn.attention import neighborhood as nb
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
-from vision_attn.bench.common import machine
+from vision_attn.bench.common import interleaved, machine, markdown_table
 from vision_attn.memory import proc_status_kib, reset_cpu_peak
 
 B, HEADS, HEAD_DIM, KERNEL = 2, 3, 32, 7
@@ -175,6 +175,36 @@ def time_kinds(size: int, kinds: list[str], reps: int, budget: float) -> dict[st
             inputs.step(fns[kind])
             samples[kind].append(time.perf_counter() - t0)
     return {kind: statistics.median(s) for kind, s in samples.items()}
+
+
+def halo_floor(size: int, tiles: list[str], reps: int) -> list[list[str]]:
+    """Lower bound for any halo-tiled exact neighborhood kernel: fused SDPA forward+backward (no
+    mask, no bias, no gather: only the GEMMs and softmax) on ``size``² queries cut into windows vs
+    into query tiles that each score their ``(ty+k-1) x (tx+k-1)`` halo, one process, interleaved."""
+    n_tokens = B * HEADS * size * size
+    shapes = {"window": (KERNEL * KERNEL, KERNEL * KERNEL)}
+    for t in tiles:
+        ty, tx = (int(v) for v in t.split("x"))
+        shapes[f"tile {t}"] = (ty * tx, (ty + KERNEL - 1) * (tx + KERNEL - 1))
+    cases = {}
+    for name, (nq, nk) in shapes.items():
+        batch = -(-n_tokens // (nq * HEADS))
+        q = torch.randn(batch, HEADS, nq, HEAD_DIM, requires_grad=True)
+        kv = [torch.randn(batch, HEADS, nk, HEAD_DIM, requires_grad=True) for _ in range(2)]
+        up = torch.randn(batch, HEADS, nq, HEAD_DIM)
+
+        def run(q=q, kv=kv, up=up) -> None:
+            out = F.scaled_dot_product_attention(q, *kv)
+            torch.autograd.grad(out, (q, *kv), up)
+
+        cases[name] = run
+    samples = interleaved(cases, reps)
+    base = statistics.median(samples["window"])
+    rows = []
+    for name, (nq, nk) in shapes.items():
+        ms = statistics.median(samples[name])
+        rows.append([f"{size}²", name, f"{nq} x {nk}", f"{nk / KERNEL**2:.2f}x", f"{ms * 1e3:.1f}", f"{ms / base:.2f}x"])
+    return rows
 
 
 # ----------------------------------------------------------------------------- memory
@@ -317,6 +347,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kinds", nargs="+", default=KINDS, help=f"subset of {KINDS}")
     p.add_argument("--tiles", nargs="*", default=[], metavar="TYxTX",
                    help="also time neighborhood with these query tiles, e.g. 4x4 4x8 7x7 (no memory)")
+    p.add_argument("--floor", nargs="*", metavar="TYxTX",
+                   help="only print the halo-tiling lower bound (fused SDPA on window vs halo-tile shapes), "
+                        "e.g. --floor 2x8 4x8 8x8")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads (0 = torch default)")
     p.add_argument("--mem-cap-gb", type=float, default=4.0, help="skip global where its estimated peak exceeds this")
     p.add_argument("--mem-reps", type=int, default=3, help="fresh processes per memory case (median)")
@@ -332,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.memory_case:
         print(json.dumps(measure_memory_here(args.memory_case[0], int(args.memory_case[1]))))
+        return 0
+    if args.floor is not None:
+        header = ["map", "shape", "queries x keys", "scores / window's", "fused SDPA fwd+bwd ms", "time / window"]
+        rows_ = [r for size in args.sizes for r in halo_floor(size, args.floor or ["2x8", "4x8", "8x8"], args.reps)]
+        print(f"halo-tiling lower bound, {machine()}\n\n" + markdown_table(header, rows_))
         return 0
     rows: list[dict] = []
     for size in args.sizes:
