@@ -92,7 +92,8 @@ def test_bench_knobs_prints_a_table_against_fp32(capsys):
 
 @pytest.mark.slow
 def test_bench_knobs_measures_memory_in_fresh_processes():
-    fp32 = bench_knobs.peak_memory_mb("fp32", "swin", "pico", 64, 4, "cpu")
-    ckpt = bench_knobs.peak_memory_mb("grad_ckpt", "swin", "pico", 64, 4, "cpu")
+    # 96 px x 8: activations dominate (at 64 px x 4 the two peaks were within 0.3 MB, i.e. noise)
+    fp32 = bench_knobs.peak_memory_mb("fp32", "swin", "pico", 96, 8, "cpu")
+    ckpt = bench_knobs.peak_memory_mb("grad_ckpt", "swin", "pico", 96, 8, "cpu")
     assert isinstance(fp32, float) and isinstance(ckpt, float), (fp32, ckpt)
-    assert 0 < ckpt < fp32
+    assert 0 < ckpt < 0.8 * fp32, (fp32, ckpt)  # measured 45.7 MB vs 23.3 MB
