@@ -69,15 +69,15 @@ class ClassificationModule(L.LightningModule):
             }
         )
         self._top_ks = sorted({1, top5})
-        self.img_size = img_size
+        self.img_size, self.in_chans = img_size, int(model.get("in_chans", 3))
         if not compile_model:  # Lightning's summary table then shows per-module FLOPs and in/out sizes
-            self.example_input_array = torch.zeros(1, model.get("in_chans", 3), img_size, img_size)
+            self.example_input_array = torch.zeros(1, self.in_chans, img_size, img_size)
 
     def setup(self, stage: str) -> None:
         """Print and log the model summary (params, GFLOPs at the training resolution)."""
         if stage != "fit":
             return
-        self.summary = summary = summarize(self.model, self.img_size, self.hparams["model"].get("in_chans", 3))
+        self.summary = summary = summarize(self.model, self.img_size, self.in_chans)
         rank_zero_info(f"model: {self.hparams['model'].get('variant')} {self.hparams['model'].get('size')}: {summary}")
         for logger in self.loggers:
             logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)
