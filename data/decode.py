@@ -17,6 +17,8 @@ from PIL import Image, ImageOps
 
 from vision_attn.errors import ConfigError
 
+from .randaugment import tag_path
+
 # torchvision's IMG_EXTENSIONS (what ImageFolder accepts), compared lower-case.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels are composited over white
@@ -109,7 +111,7 @@ class ImageLoader:
         self.min_size = min_size
 
     def __call__(self, path: PathLike) -> Image.Image:
-        return open_image(path, self.min_size)
+        return tag_path(open_image(path, self.min_size), os.fspath(path))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(min_size={self.min_size})"

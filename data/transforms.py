@@ -1,5 +1,8 @@
 """Per-image train and eval transforms: PIL RGB in, uint8 ``(3, S, S)`` tensor out.
 
+Both are :class:`~data.randaugment.GuardedCompose`: a failing step raises an
+``AugmentationError`` naming the step (the RandAugment op and magnitude) and the file.
+
 Train: aspect-preserving resize of the shorter side to ``resize`` (the decoder already got
 within 2x of it by reduced-scale JPEG decoding), then random-resized-crop to ``image_size``
 (timm's crop sampling), flip, RandAugment or colour jitter (timm's ``transforms_imagenet_train``).
@@ -13,18 +16,18 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from timm.data.transforms_factory import transforms_imagenet_eval, transforms_imagenet_train
-from torchvision import transforms
 from torchvision.transforms.functional import pil_modes_mapping
 
 from vision_attn.errors import ConfigError
 
 from .augment import AugmentConfig
+from .randaugment import GuardedCompose, guard_randaugment
 
 INTERPOLATIONS = ("bilinear", "bicubic", "lanczos", "nearest", "random")
 
@@ -95,16 +98,33 @@ def train_transform(
     )
     crop = ResizedRandomResizedCrop(image_size, resize, scale=augment.scale, ratio=augment.ratio, interpolation=interpolation)
     assert isinstance(timm_train.transforms[0], RandomResizedCropAndInterpolation)
-    return transforms.Compose([crop, *timm_train.transforms[1:]])
+    return guard_randaugment(GuardedCompose([crop, *timm_train.transforms[1:]]))
+
+
+class DeferredTransform:
+    """A transform chosen later (``recipe=auto`` waits for the data scan): set ``.transform``
+    before the first image; DataLoader workers start after that and carry it."""
+
+    def __init__(self) -> None:
+        self.transform: Optional[Callable] = None
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.transform is None:
+            raise RuntimeError("the train transform is not chosen yet: call the DataModule's setup() first")
+        return self.transform(img)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.transform!r})"
 
 
 def eval_transform(image_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
     """Resize shorter side to ``floor(image_size / crop_pct)`` -> center crop -> uint8 tensor."""
     check_interpolation(interpolation)
     eval_resize_size(image_size, crop_pct)
-    return transforms_imagenet_eval(
+    timm_eval = transforms_imagenet_eval(
         img_size=image_size,
         crop_pct=crop_pct,
         interpolation="bicubic" if interpolation == "random" else interpolation,
         use_prefetcher=True,
     )
+    return GuardedCompose(timm_eval.transforms)
