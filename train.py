@@ -47,6 +47,39 @@ def finish_wandb(failed: bool) -> None:
         wandb.finish(exit_code=1 if failed else 0)
 
 
+def dataset_num_classes(cfg: DictConfig, datamodule: Any) -> int:
+    """The number of classes, read from the instantiated DataModule (the one source of truth).
+
+    A folder dataset with ``data.num_classes: null`` counts its class folders in ``setup()``: it
+    runs here, before the LightningModule needs its head size (Lightning's own ``setup`` call in
+    ``fit`` reuses the scan). A ``module.num_classes`` given explicitly must agree with it.
+    """
+    num_classes = getattr(datamodule, "num_classes", None)
+    if num_classes is None:
+        if getattr(datamodule, "download", False):
+            raise ConfigError(
+                "data.num_classes is null with data.download=true: set data.num_classes "
+                "(classes are only counted from data already on disk)"
+            )
+        datamodule.setup("fit")
+        num_classes = getattr(datamodule, "num_classes", None)
+    if num_classes is None:
+        raise ConfigError(f"data.num_classes is null and {type(datamodule).__name__} does not count its classes: set it")
+    given = cfg.module.get("num_classes")
+    if given is not None and given != num_classes:
+        raise ConfigError(f"module.num_classes={given} but the data has {num_classes} classes; leave it ${{data.num_classes}}")
+    return int(num_classes)
+
+
+def logged_config(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
+    """The resolved config for the loggers, with the class count the DataModule found."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("data", "module"):
+        if isinstance(config.get(key), dict):
+            config[key]["num_classes"] = num_classes
+    return config
+
+
 def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dict[str, float], wall: float) -> None:
     """``results.json`` in the run directory: what ``python -m vision_attn.review`` tabulates."""
     ckpt = trainer.checkpoint_callback
@@ -57,6 +90,7 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         "size": cfg.model.size,
         "data": HydraConfig.get().runtime.choices.get("data"),
         "seed": cfg.seed,
+        "num_classes": module.hparams.get("num_classes"),
         "overrides": list(HydraConfig.get().overrides.task),
         "params": summary.params if summary else None,
         "gflops": summary.gflops if summary else None,
@@ -119,7 +153,8 @@ def train(cfg: DictConfig) -> Optional[float]:
     resuming = ckpt_path not in (None, "best", "hpc")
     wandb_id = read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path))) if resuming else None
     datamodule = instantiate(cfg.data)
-    module = instantiate(cfg.module)
+    num_classes = dataset_num_classes(cfg, datamodule)
+    module = instantiate(cfg.module, num_classes=num_classes)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = build_loggers(cfg.get("logger"), wandb_id)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg))
@@ -129,7 +164,7 @@ def train(cfg: DictConfig) -> Optional[float]:
             if isinstance(logger, WandbLogger) and logger.version:
                 write_run_id(run_dir, logger.version)
     for logger in loggers:  # rank-zero only
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(logged_config(cfg, num_classes))
     if resuming:
         log.info(f"resuming from {ckpt_path}" + (f" (W&B run {wandb_id})" if wandb_id else ""))
 

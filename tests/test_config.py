@@ -1,12 +1,19 @@
 """Config composition and bad-config errors (named keys, before training starts)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from data.fakes import make_imagefolder
 from vision_attn.callbacks import PlainProgressBar, progress_bar
 from vision_attn.errors import ConfigError, config_error_in
 from vision_attn.variants import VARIANTS
@@ -129,3 +136,69 @@ def test_attention_ablation_sweeps_every_variant_at_comparable_size():
             c = compose("config", overrides=["experiment=attention_ablation", f"model={variant}"])
         counts[variant] = sum(p.numel() for p in instantiate(c.module).model.parameters())
     assert max(counts.values()) <= 1.1 * min(counts.values()), counts
+
+
+# A notebook or another project's test: plain Hydra, nothing of ours imported before compose.
+FRESH_COMPOSE = textwrap.dedent("""
+    import json, sys
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf, open_dict
+
+    conf, root, run_dir = sys.argv[1:]
+    with initialize_config_dir(conf, version_base="1.3"):
+        cfg = compose("config", overrides=["data=imagefolder", f"data.root={root}", "data.num_workers=0"])
+    ours_before = sorted(m for m in ("data", "vision_attn") if m in sys.modules)
+    partial = {k: OmegaConf.to_yaml(cfg[k], resolve=True) for k in ("data", "module", "model", "optim")}
+    dm = instantiate(cfg.data)
+    counted_before_setup = dm.num_classes
+    dm.setup("fit")
+
+    # The whole config resolved: its run-dir keys use ${hydra:...}, which needs Hydra's state
+    # (what `python train.py --cfg job --resolve` does): compose it with the Hydra node once.
+    with initialize_config_dir(conf, version_base="1.3"):
+        full = compose("config", overrides=["data=imagefolder", f"data.root={root}",
+                                            f"hydra.runtime.output_dir={run_dir}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(full)
+    with open_dict(full):
+        del full["hydra"]
+    resolved = OmegaConf.to_yaml(full, resolve=True)
+    print(json.dumps({"ours_before": ours_before, "counted_before_setup": counted_before_setup,
+                      "num_classes": dm.num_classes, "classes": dm.classes, "partial": partial,
+                      "resolved": OmegaConf.to_container(OmegaConf.create(resolved))}))
+""")
+
+
+def test_plain_hydra_compose_instantiates_an_image_folder_in_a_fresh_process(tmp_path):
+    root = make_imagefolder(tmp_path / "photos", classes=("apple", "bird", "cat", "dog"))
+    folders = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    elsewhere = tmp_path / "notebook"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # only the repo on sys.path, cwd outside it
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH_COMPOSE, str(ROOT / "conf"), str(root), str(tmp_path / "run")],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["ours_before"] == []  # nothing of ours was needed to compose
+    assert out["counted_before_setup"] is None  # data.num_classes: null, counted by setup()
+    assert out["num_classes"] == len(folders) == 4 and out["classes"] == folders
+    assert "num_classes: null" in out["partial"]["data"] and "num_classes: null" in out["partial"]["module"]
+    resolved = out["resolved"]
+    assert resolved["data"]["root"] == str(root) and resolved["data"]["augment"]["label_smoothing"] == 0.1
+    assert resolved["trainer"]["default_root_dir"] == str(tmp_path / "run")
+    assert resolved["callbacks"]["checkpoint"]["dirpath"] == str(tmp_path / "run" / "checkpoints")
+
+
+def test_no_custom_resolvers_are_left_in_the_configs():
+    """Only OmegaConf's and Hydra's own resolvers: a plain compose must resolve every config."""
+    import re
+
+    names = set()
+    for path in (ROOT / "conf").rglob("*.yaml"):
+        names |= set(re.findall(r"\$\{([\w.]+):", path.read_text()))
+    assert names <= {"hydra", "now", "oc.env", "oc.select", "oc.decode", "oc.create", "oc.dict.keys",
+                     "oc.dict.values"}, names
+

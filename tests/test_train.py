@@ -8,6 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
+
+from data.fakes import make_imagefolder
 
 TINY = [
     "trainer=debug",
@@ -80,3 +84,22 @@ def test_csv_logger_writes_metrics_and_throughput(train_runner, tmp_path):
     assert not (run_dir / "wandb").exists()
     throughput = [float(r["train/images_per_sec"]) for r in rows if r["train/images_per_sec"]]
     assert throughput and all(t > 0 for t in throughput)
+
+
+def test_image_folder_class_count_reaches_the_model_the_logged_config_and_results(train_runner, tmp_path):
+    """data.num_classes: null -> train.py takes the count from the DataModule (4 class folders)."""
+    root = make_imagefolder(tmp_path / "photos", classes=("apple", "bird", "cat", "dog"), train=2, val=1)
+    run_dir = tmp_path / "run"
+    proc = train_runner("data=imagefolder", f"data.root={root}", "trainer=debug", "data.image_size=32",
+                        "data.batch_size=4", "data.num_workers=0", "model.embed_dim=16", "logger=csv",
+                        "callbacks.images=null", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+                        "test_after_fit=false", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    hparams = yaml.safe_load(open(run_dir / "csv" / "hparams.yaml"))
+    assert hparams["data"]["num_classes"] == 4 and hparams["module"]["num_classes"] == 4
+    assert json.loads((run_dir / "results.json").read_text())["num_classes"] == 4
+    ckpt = next((run_dir / "checkpoints").glob("epoch*.ckpt"))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["hyper_parameters"]["num_classes"] == 4
+    head = [v for k, v in state["state_dict"].items() if k.endswith("head.fc.weight")]
+    assert head and head[0].shape[0] == 4
