@@ -1,12 +1,14 @@
 """Config composition and bad-config errors (named keys, before training starts)."""
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -202,3 +204,42 @@ def test_no_custom_resolvers_are_left_in_the_configs():
     assert names <= {"hydra", "now", "oc.env", "oc.select", "oc.decode", "oc.create", "oc.dict.keys",
                      "oc.dict.values"}, names
 
+
+TRAINER_OVERRIDES = {
+    "max_steps": 5, "limit_train_batches": 2, "limit_val_batches": 1, "limit_test_batches": 0.5,
+    "val_check_interval": 3, "check_val_every_n_epoch": 2, "accumulate_grad_batches": 4, "min_epochs": 1,
+    "max_time": "00:00:10:00", "num_nodes": 1, "strategy": "auto", "sync_batchnorm": False,
+}
+
+
+@pytest.mark.parametrize("preset", ["default", "debug", "gpu", "ddp"])
+def test_common_trainer_arguments_override_without_plus(preset, tmp_path):
+    overrides = [f"trainer={preset}", f"trainer.default_root_dir={tmp_path}"]
+    cfg = cfg_with(*overrides, *(f"trainer.{k}={v}" for k, v in TRAINER_OVERRIDES.items()))
+    for key, value in TRAINER_OVERRIDES.items():
+        assert cfg.trainer[key] == value, key
+    if preset in ("default", "debug"):  # the others need GPUs or start processes
+        trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_progress_bar=False)
+        assert trainer.max_steps == 5 and trainer.limit_train_batches == 2 and trainer.limit_val_batches == 1
+        assert trainer.limit_test_batches == 0.5 and trainer.val_check_interval == 3
+        assert trainer.check_val_every_n_epoch == 2 and trainer.accumulate_grad_batches == 4
+        assert trainer.fit_loop.min_epochs == 1 and trainer.num_nodes == 1
+        assert trainer.fit_loop.max_steps == 5
+
+
+def test_trainer_keys_are_lightning_arguments_with_lightning_defaults():
+    """Every key of conf/trainer/default.yaml is a Trainer argument; values are Lightning's
+    defaults except the ones we chose on purpose (listed here)."""
+    ours = {"precision": "32-true", "max_epochs": 3, "num_sanity_val_steps": 1, "deterministic": False,
+            "log_every_n_steps": 20, "enable_model_summary": True}
+    trainer = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "trainer" / "default.yaml"))
+    params = inspect.signature(L.Trainer.__init__).parameters
+    for key, value in trainer.items():
+        if key in ("_target_", "default_root_dir"):
+            continue
+        assert key in params, f"trainer.{key} is not a Lightning Trainer argument"
+        assert value == ours.get(key, params[key].default), f"trainer.{key}={value}"
+    for key in ("max_steps", "limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval",
+                "check_val_every_n_epoch", "accumulate_grad_batches", "min_epochs", "max_time", "fast_dev_run",
+                "num_nodes", "strategy", "sync_batchnorm"):
+        assert key in trainer, key
