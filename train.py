@@ -36,8 +36,10 @@ log = logging.getLogger("train")
 
 
 def instantiate_group(cfg: Optional[DictConfig]) -> list[Any]:
-    """Instantiate every non-null entry of a config group holding a dict of objects."""
-    return [instantiate(c) for c in (cfg or {}).values() if c is not None]
+    """Instantiate every non-null entry of a config group holding a dict of objects; a factory
+    may return None for "off" (``callbacks.ema`` with ``ema_decay: null``)."""
+    objects = [instantiate(c) for c in (cfg or {}).values() if c is not None]
+    return [o for o in objects if o is not None]
 
 
 def finish_wandb(failed: bool) -> None:

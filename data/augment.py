@@ -20,13 +20,48 @@ from timm.data.random_erasing import RandomErasing
 
 from vision_attn.errors import ConfigError
 
+#: Named recipes (``augment=<name>`` on the command line, ``data.augment.recipe``). Each sets every
+#: per-image and batch key except ``hflip`` (a per-dataset choice: text and digits must not be
+#: mirrored) and ``label_smoothing`` (``optim.label_smoothing``). Keys given next to the recipe win.
+RECIPES: dict[str, dict[str, Any]] = {
+    # Swin/DeiT on ImageNet: large data trained long. 8 % crops, RandAugment m9, Mixup/CutMix, erasing.
+    "imagenet": dict(
+        scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), color_jitter=0.4, randaugment="rand-m9-mstd0.5-inc1",
+        reprob=0.25, remode="pixel", recount=1, mixup=0.8, cutmix=1.0, cutmix_minmax=None,
+        mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch",
+    ),
+    # Small or fine-tuning data: mild crops only; no RandAugment, colour jitter, erasing or mixing.
+    "light": dict(
+        scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), color_jitter=0.0, randaugment=None,
+        reprob=0.0, remode="pixel", recount=1, mixup=0.0, cutmix=0.0, cutmix_minmax=None,
+        mixup_prob=1.0, mixup_switch_prob=0.5, mixup_mode="batch",
+    ),
+}
+AUTO = "auto"
+#: ``recipe=auto`` picks ``imagenet`` from this many training images per class, else ``light``
+#: (ImageNet has ~1,300 per class, Imagenette ~950, Food-101 750; small folders have far fewer).
+AUTO_MIN_IMAGES_PER_CLASS = 500
+
+
+def auto_recipe(images: int, classes: int) -> tuple[str, str]:
+    """The recipe ``recipe=auto`` picks for a training split, and the reason in words."""
+    per_class = images / max(classes, 1)
+    name = "imagenet" if per_class >= AUTO_MIN_IMAGES_PER_CLASS else "light"
+    relation = ">=" if name == "imagenet" else "<"
+    return name, (
+        f"{images} training images in {classes} classes = {per_class:.0f} per class "
+        f"{relation} {AUTO_MIN_IMAGES_PER_CLASS}; choose one with augment=imagenet or augment=light"
+    )
+
 
 @dataclass
 class AugmentConfig:
     """``data.augment``: every key off / neutral by default (the ``shapes`` setting).
 
-    The real-photo dataset configs set the Swin/DeiT recipe: ``randaugment=rand-m9-mstd0.5-inc1``,
-    ``reprob=0.25``, ``mixup=0.8``, ``cutmix=1.0``.
+    ``recipe`` names a preset of :data:`RECIPES` that fills the keys not given (null) explicitly
+    (``randaugment: off`` turns RandAugment off whatever the recipe);
+    ``auto`` defers the choice to the DataModule, which picks one from the training split's size
+    (:func:`auto_recipe`) once it has scanned the data.
     """
 
     scale: tuple[float, float] = (0.08, 1.0)  # random-resized-crop area range
@@ -44,6 +79,7 @@ class AugmentConfig:
     mixup_switch_prob: float = 0.5
     mixup_mode: str = "batch"  # batch | pair | elem
     label_smoothing: float = 0.1  # smoothing folded into Mixup's soft targets
+    recipe: Optional[str] = None  # imagenet | light | auto | None (only the keys given)
 
     SAMPLE_KEYS = ("scale", "ratio", "hflip", "color_jitter", "randaugment")
 
@@ -55,6 +91,15 @@ class AugmentConfig:
         unknown = sorted(set(values) - set(names))
         if unknown:
             raise ConfigError(f"data.augment.{unknown[0]} is not an augmentation key; valid keys: {', '.join(names)}")
+        recipe = values.get("recipe")
+        if recipe is not None and recipe != AUTO and recipe not in RECIPES:
+            raise ConfigError(
+                f"data.augment.recipe={recipe!r} is not a recipe; choose augment={' | augment='.join([*RECIPES, AUTO])}"
+            )
+        given = {k: v for k, v in values.items() if v is not None}  # null = the recipe's (or the default)
+        if str(given.get("randaugment", "")).lower() == "off":
+            given["randaugment"] = None
+        values = {**RECIPES.get(recipe, {}), **given}
         for key in ("scale", "ratio", "cutmix_minmax"):
             if values.get(key) is not None:
                 values[key] = tuple(float(v) for v in values[key])
@@ -80,7 +125,15 @@ class AugmentConfig:
         if self.remode not in ("pixel", "rand", "const"):
             raise ConfigError(f"data.augment.remode={self.remode!r} must be pixel, rand or const")
         if self.randaugment is not None and not str(self.randaugment).startswith("rand"):
-            raise ConfigError(f"data.augment.randaugment={self.randaugment!r}: expected a timm RandAugment string like rand-m9-mstd0.5-inc1")
+            raise ConfigError(
+                f"data.augment.randaugment={self.randaugment!r}: expected a timm RandAugment string like "
+                "rand-m9-mstd0.5-inc1, or off"
+            )
+
+    @property
+    def is_auto(self) -> bool:
+        """True while the recipe is still to be chosen from the data (``recipe=auto``)."""
+        return self.recipe == AUTO
 
     @property
     def mixes(self) -> bool:

@@ -42,7 +42,8 @@ class BaseDataModule(L.LightningDataModule):
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
-        self.augment = AugmentConfig.from_mapping(augment)
+        self.augment_values = dict(augment or {})  # as given: recipe=auto is resolved against them later
+        self.augment = AugmentConfig.from_mapping(self.augment_values)
         self._batch_augment: Optional[BatchAugment] = None
         self.splits: dict[str, Dataset] = {}
 
@@ -118,6 +119,13 @@ class ShapesDataModule(BaseDataModule):
         num_classes: Optional[int] = None,
         augment: Optional[Mapping[str, Any]] = None,
     ) -> None:
+        recipe = (augment or {}).get("recipe")
+        if recipe is not None:
+            raise ConfigError(
+                f"augment={recipe} (data.augment.recipe): {self.name} takes only batch-level augmentation "
+                "(data.augment.mixup, cutmix, reprob...), not a per-image recipe: its images are rendered "
+                "(and randomised) per index already"
+            )
         per_image = sorted(set(augment or {}) & set(AugmentConfig.SAMPLE_KEYS))
         if per_image:
             raise ConfigError(

@@ -40,11 +40,12 @@ from torchvision import datasets as tvd
 
 from vision_attn.errors import ConfigError
 
+from .augment import AugmentConfig, auto_recipe
 from .datamodule import BaseDataModule, check_positive
 from .decode import ImageLoader
 from .download import fetch_archive
 from .folder import FolderSplit, ImageFileDataset, SkipCorrupt, check_splits, scan_split
-from .transforms import eval_resize_size, eval_transform, train_transform
+from .transforms import DeferredTransform, eval_resize_size, eval_transform, train_transform
 
 SPLITS = ("train", "val", "test")
 Built = tuple[Dataset, list[str]]  # a split's (image, label) dataset and the class names
@@ -98,7 +99,8 @@ class ImageDataModule(BaseDataModule):
         self.num_classes = num_classes
         self._classes: Optional[list[str]] = None
         self.skipped = {split: 0 for split in (*SPLITS, "predict", "unattached")}
-        self.train_transform = train_transform(image_size, self.train_resize, self.augment, interpolation, self.mean)
+        # recipe=auto: the train transform is built in setup(), once the training split's size is known.
+        self.train_transform = DeferredTransform() if self.augment.is_auto else self._train_transform()
         self.eval_transform = eval_transform(image_size, self.crop_pct, interpolation)
         if not self.download:
             self.check_exists()
@@ -133,6 +135,8 @@ class ImageDataModule(BaseDataModule):
                     wrapped[source] = SkipCorrupt(built[source][0], self.skip_corrupt)
                 self.splits[split] = wrapped[source]
             self._classes = self._check_classes(built)
+            if self.augment.is_auto:
+                self._choose_recipe(len(built[self.sources["train"]][0]), len(self._classes))
         self._attach_skip_logger()
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -144,6 +148,17 @@ class ImageDataModule(BaseDataModule):
         return batch
 
     # --- helpers ------------------------------------------------------------------------
+    def _train_transform(self) -> Callable:
+        return train_transform(self.image_size, self.train_resize, self.augment, self.interpolation, self.mean)
+
+    def _choose_recipe(self, images: int, classes: int) -> None:
+        """``recipe=auto``: pick the recipe from the training split's size, say which and why."""
+        name, reason = auto_recipe(images, classes)
+        self.augment = AugmentConfig.from_mapping({**self.augment_values, "recipe": name})
+        self._batch_augment = None
+        self.train_transform.transform = self._train_transform()
+        rank_zero_info(f"data.augment: recipe {name!r} chosen by recipe=auto: {reason}")
+
     @property
     def classes(self) -> list[str]:
         """Class names, indexed by label (scans the data on first use)."""

@@ -53,10 +53,12 @@ def test_missing_val_folder_is_named(tree):
 
 def test_num_classes_is_counted_from_the_class_folders(tree):
     cfg = compose_data(f"data.root={tree}")
-    assert cfg.data.num_classes == 3 and cfg.module.num_classes == 3
+    assert cfg.data.num_classes is None  # counted by the DataModule, not by a config resolver
     dm = instantiate(cfg.data, num_workers=0)
+    assert dm.num_classes is None
+    dm.setup()
     assert dm.num_classes == 3 and dm.classes == ["apple", "bird", "cat"]
-    assert dm.augment.mixup == 0.8 and dm.augment.randaugment == "rand-m9-mstd0.5-inc1"  # recipe defaults
+    assert dm.augment.recipe == "light" and dm.augment.mixup == 0.0  # 4 images per class: recipe=auto picks light
 
 
 def test_num_classes_that_disagree_with_the_folders_name_the_key(tree):

@@ -240,6 +240,7 @@ def test_a_new_dataset_is_one_yaml_file(tmp_path):
     with initialize_config_dir(str(conf), version_base="1.3"):
         cfg = compose("config", overrides=["data=mydata", f"data.root={root}", "data.num_workers=0"])
     dm = instantiate(cfg.data)
-    assert cfg.module.num_classes == 4 and cfg.module.img_size == 40
-    assert dm.classes == ["a", "b", "c", "d"] and dm.mean == (0.5, 0.5, 0.5) and dm.augment.mixup == 0.8
+    assert cfg.module.img_size == 40
+    assert dm.classes == ["a", "b", "c", "d"] and dm.num_classes == 4 and dm.mean == (0.5, 0.5, 0.5)
+    assert dm.augment.recipe == "light"  # inherited recipe=auto, 1 image per class
     assert next(iter(dm.val_dataloader()))[0].shape[-2:] == (40, 40)

@@ -1,4 +1,4 @@
-"""Callbacks: progress for terminals and batch logs, throughput, peak memory, images."""
+"""Callbacks: progress for terminals and batch logs, throughput, peak memory, images, EMA weights."""
 from __future__ import annotations
 
 import os
@@ -9,10 +9,12 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, ProgressBar, RichProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from PIL import Image
 
+from .errors import ConfigError
 from .memory import peak_memory_mb, reset_peak_memory
 
 
@@ -164,3 +166,27 @@ class ImageLogger(L.Callback):
         log_image(trainer, "attention/patterns",
                   attention_figure(pixels[0], patterns, points, "receptive field of each attention kind (stage 1)"),
                   self.out_dir)
+
+
+class EMA(EMAWeightAveraging):
+    """Lightning's exponential moving average of the weights, used for validation and test.
+
+    Validation swaps the EMA weights in (so ``val/acc1`` and the best checkpoint are the EMA's);
+    checkpoints hold the EMA weights as ``state_dict`` and the raw ones as ``current_model_state``,
+    with the average's own state, so a resumed run continues both exactly. Outside ``fit``
+    (``trainer.test(ckpt_path=...)``) the checkpoint's ``state_dict``, the EMA weights, is what
+    the model keeps: Lightning would put the raw weights back.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+def ema(decay: Optional[float], update_every_n_steps: int = 1) -> Optional[EMA]:
+    """The ``ema_decay`` config key: an :class:`EMA` callback, or None when it is null (off)."""
+    if decay is None:
+        return None
+    if not 0.0 < float(decay) < 1.0:
+        raise ConfigError(f"ema_decay={decay} must be in (0, 1), e.g. 0.999 (null = off)")
+    return EMA(decay=float(decay), update_every_n_steps=update_every_n_steps)
