@@ -51,8 +51,8 @@ def _window_axis(length: int, window: int, shift: int):
     return rolled, [r // w for r in rolled], label
 
 
-def window_reference(q, k, v, window: int, shift: int = 0, grid=None, scale=None) -> torch.Tensor:
-    """(Shifted) window attention by brute force: same window and same shift region only."""
+def window_reference(q, k, v, window, shift=0, grid=None, scale=None) -> torch.Tensor:
+    """(Shifted) window attention by brute force: same window and same shift region only (int or (h, w))."""
     allowed, bias = window_pairs_reference(q.shape[2], q.shape[3], window, shift, grid)
     return masked_attention(q, k, v, allowed, bias, scale)
 
@@ -140,10 +140,18 @@ def global_reference(q, k, v, clip: int, grid=None, scale=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- beyond local windows
 
 
-def window_pairs_reference(H: int, W: int, window: int, shift: int = 0, grid=None):
-    """(Shifted) window attention as ``(HW, HW)`` allowed + ``(heads, HW, HW)`` bias (or None)."""
-    ry, wy, ly = _window_axis(H, window, shift)
-    rx, wx, lx = _window_axis(W, window, shift)
+def _pair(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def window_pairs_reference(H: int, W: int, window, shift=0, grid=None):
+    """(Shifted) window attention as ``(HW, HW)`` allowed + ``(heads, HW, HW)`` bias (or None).
+
+    ``window`` and ``shift`` are an int or per axis ``(h, w)``; ``grid`` is ``(heads, 2wh-1, 2ww-1)``.
+    """
+    (wh, ww), (sh, sw) = _pair(window), _pair(shift)
+    ry, wy, ly = _window_axis(H, wh, sh)
+    rx, wx, lx = _window_axis(W, ww, sw)
     allowed = torch.zeros(H * W, H * W, dtype=torch.bool)
     for qi in range(H * W):
         a, b = divmod(qi, W)
@@ -152,8 +160,8 @@ def window_pairs_reference(H: int, W: int, window: int, shift: int = 0, grid=Non
             allowed[qi, ki] = wy[a] == wy[c] and wx[b] == wx[d] and ly[a] == ly[c] and lx[b] == lx[d]
     if grid is None:
         return allowed, None
-    cen = (grid.shape[-1] - 1) // 2
-    bias = pair_bias(grid, H, W, lambda p, r: (ry[r[0]] - ry[p[0]] + cen, rx[r[1]] - rx[p[1]] + cen)
+    cy, cx = (grid.shape[-2] - 1) // 2, (grid.shape[-1] - 1) // 2
+    bias = pair_bias(grid, H, W, lambda p, r: (ry[r[0]] - ry[p[0]] + cy, rx[r[1]] - rx[p[1]] + cx)
                      if allowed[p[0] * W + p[1], r[0] * W + r[1]] else (None, None))
     return allowed, bias
 

@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformerBlock
+from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
 
-from reference import window_reference
-from vision_attn.attention import AttnSpec, WindowAttention, bias_grid, window_attention
+from reference import window_pairs_reference, window_reference
+from vision_attn.attention import AttnSpec, WindowAttention, bias_grid, resize_bias_table, window_attention
+from vision_attn.attention.rel_pos import window_bias
 from vision_attn.blocks import Block
 
 # (H, W, window, shift): divisible, padded, non-square, map smaller than / equal to the window.
@@ -19,6 +23,12 @@ CASES = [
     (3, 3, 7, 3),
     (7, 7, 7, 3),
     (9, 4, 4, 2),
+    # Rectangular (h, w) windows with per-axis shifts, as timm's window_size=(h, w).
+    (10, 14, (5, 7), (2, 3)),
+    (7, 10, (3, 4), (1, 2)),
+    (9, 6, (4, 2), (2, 1)),
+    (4, 9, (5, 3), (2, 1)),  # H fits in one window: no shift along H
+    (6, 8, (2, 4), 0),
 ]
 
 
@@ -40,7 +50,8 @@ def bias_training_route(request, monkeypatch):
 @pytest.mark.parametrize("H,W,w,s", CASES)
 def test_window_attention_matches_brute_force_forward_and_backward(H, W, w, s, with_bias, bias_training_route):
     q, k, v = qkv(2, 3, H, W, 8)
-    grid = torch.randn(3, 2 * w - 1, 2 * w - 1, dtype=torch.float64, requires_grad=True) if with_bias else None
+    wh, ww = to_2tuple(w)
+    grid = torch.randn(3, 2 * wh - 1, 2 * ww - 1, dtype=torch.float64, requires_grad=True) if with_bias else None
     ours = window_attention(q, k, v, w, s, grid)
     ref = window_reference(q, k, v, w, s, grid)
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
@@ -64,18 +75,45 @@ def test_pad_keys_are_masked_not_attended():
     torch.testing.assert_close(last, v[0, 0, 4, 4], rtol=1e-12, atol=1e-12)
 
 
-def _pair(H: int, W: int, w: int, s: int, dim: int = 32, heads: int = 4):
+def test_timm_padding_attends_zero_padded_keys():
+    """``padding="timm"`` without a shift: window attention on the map zero-padded up to the windows."""
+    q, k, v = qkv(1, 2, 5, 7, 4)
+    ours = window_attention(q, k, v, (4, 3), padding="timm")
+    padded = [F.pad(t, (0, 0, 0, 2, 0, 3)) for t in (q, k, v)]  # 8 x 9
+    torch.testing.assert_close(ours, window_reference(*padded, (4, 3))[:, :, :5, :7], rtol=1e-12, atol=1e-12)
+
+
+def _pair(H: int, W: int, w, s, dim: int = 32, heads: int = 4, padding: str = "mask"):
     torch.manual_seed(0)
     theirs = SwinTransformerBlock(dim, (H, W), heads, window_size=w, shift_size=s).double()
     torch.nn.init.normal_(theirs.attn.relative_position_bias_table, std=0.5)  # make the bias matter
-    ours = Block(dim, heads, "shifted_window" if s else "window", AttnSpec(window_size=w)).double()
+    spec = AttnSpec(window_size=w, window_padding=padding)
+    ours = Block(dim, heads, "shifted_window" if any(to_2tuple(s)) else "window", spec).double()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return ours, theirs
 
 
-@pytest.mark.parametrize("H,W,w,s", [(8, 8, 4, 0), (8, 8, 4, 2), (14, 14, 7, 3), (8, 12, 4, 2), (12, 8, 4, 2)])
-def test_block_equals_timm_swin_block_forward_and_backward(H, W, w, s, bias_training_route):
-    ours, theirs = _pair(H, W, w, s)
+@pytest.mark.parametrize(
+    "H,W,w,s,padding",
+    [
+        (8, 8, 4, 0, "mask"),
+        (8, 8, 4, 2, "mask"),
+        (14, 14, 7, 3, "mask"),
+        (8, 12, 4, 2, "mask"),
+        (12, 8, 4, 2, "mask"),
+        (10, 14, (5, 7), (2, 3), "mask"),  # rectangular windows, shift (wh // 2, ww // 2)
+        (8, 12, (2, 4), (1, 2), "mask"),
+        (8, 12, 4, 2, "timm"),  # divisible: both paddings agree
+        # Not multiples of the window: "timm" padding (roll, zero-pad, attend the pads) equals timm.
+        (10, 10, 4, 0, "timm"),
+        (10, 10, 4, 2, "timm"),
+        (9, 13, 4, 2, "timm"),
+        (9, 13, (4, 5), (2, 2), "timm"),
+        (11, 6, (3, 4), (1, 2), "timm"),
+    ],
+)
+def test_block_equals_timm_swin_block_forward_and_backward(H, W, w, s, padding, bias_training_route):
+    ours, theirs = _pair(H, W, w, s, padding=padding)
     x = torch.randn(2, H, W, 32, dtype=torch.float64, requires_grad=True)
     y_ours, y_theirs = ours(x), theirs(x)
     torch.testing.assert_close(y_ours, y_theirs, rtol=1e-10, atol=1e-10)
@@ -107,16 +145,86 @@ def test_module_on_non_divisible_sizes_matches_brute_force_not_timm(H, W, s):
     assert (ours(x) - theirs(x)).abs().max() > 1e-3
 
 
-def test_bias_grid_is_key_minus_query_of_timm_table():
+def test_timm_padding_attend_equals_forward():
+    """attend() / attend_lse() (global tokens, attention maps) pad k, v with the qkv bias like forward()."""
+    ours, _ = _pair(9, 13, (4, 5), (2, 2), padding="timm")
+    attn: WindowAttention = ours.attn
+    x = torch.randn(2, 9, 13, 32, dtype=torch.float64)
+    torch.testing.assert_close(attn.out_proj(attn.attend(*attn.map_qkv(x))), attn(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attn.out_proj(attn.attend_lse(*attn.map_qkv(x))[0]), attn(x), rtol=1e-10, atol=1e-10)
+    grads = [torch.autograd.grad(y.square().sum(), attn.qkv.bias)[0]  # the pads' k, v carry the bias gradient
+             for y in (attn(x), attn.out_proj(attn.attend(*attn.map_qkv(x))))]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-9)
+
+
+def test_attention_maps_under_timm_padding_are_the_weights_on_real_keys():
+    """The pads take weight (timm) but are not on the map: the maps show the real keys' weights only."""
+    H, W, w = 5, 7, (4, 3)
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, AttnSpec(window_size=w, window_padding="timm")).double().eval()
+    torch.nn.init.normal_(attn.relative_position_bias_table, std=0.5)
+    torch.nn.init.normal_(attn.qkv.bias, std=0.5)
+    x = torch.randn(1, H, W, 8, dtype=torch.float64)
+    points = [(0, 0), (4, 6), (2, 3)]
+    maps = attn.attention_maps(x, points)
+    # Brute force on the zero-padded 8 x 9 map, where the pads' q, k are the qkv bias.
+    q, k, _ = attn.qkv_heads(F.pad(x, (0, 0, 0, 2, 0, 3)))
+    allowed, bias = window_pairs_reference(8, 9, w, 0, attn.bias_grid())
+    scores = (q.flatten(2, 3) @ k.flatten(2, 3).transpose(-1, -2)) * attn.scale + bias
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)[0].view(2, 8, 9, 8, 9)
+    expected = torch.stack([weights[:, y, x_, :H, :W] for y, x_ in points], 1)
+    torch.testing.assert_close(maps, expected, rtol=1e-10, atol=1e-10)
+    assert maps[:, 1].sum((-1, -2)).max() < 1  # the bottom-right query gives weight to the pads
+
+
+def test_kind_patterns_with_a_rectangular_window():
+    """Kinds that take no (h, w) window are drawn with a square one."""
+    from vision_attn.visualize import kind_patterns
+
+    maps = kind_patterns(16, 2, 8, 8, AttnSpec(window_size=(2, 4), kernel_size=3))
+    corner = maps["window"][0]  # query (0, 0): its 2 x 4 window
+    assert torch.equal(corner > 0, torch.zeros(8, 8, dtype=torch.bool).index_fill(0, torch.arange(2), True)
+                       & (torch.arange(8) < 4))
+    assert "global" in maps and "grid" in maps
+
+
+@pytest.mark.parametrize("w", [3, (2, 4), (5, 3)])
+def test_bias_grid_is_key_minus_query_of_timm_table(w):
     """timm indexes its table by query - key; our grid by key - query (NATTEN's convention)."""
-    w = 3
-    table = torch.arange((2 * w - 1) ** 2 * 2, dtype=torch.float64).view(-1, 2)
-    grid = bias_grid(table)
-    # timm: index = (dq_y + w - 1) * (2w - 1) + (dq_x + w - 1) with dq = query - key.
-    for dy in range(-(w - 1), w):
-        for dx in range(-(w - 1), w):
-            timm_row = (-dy + w - 1) * (2 * w - 1) + (-dx + w - 1)
-            assert torch.equal(grid[:, dy + w - 1, dx + w - 1], table[timm_row])
+    wh, ww = to_2tuple(w)
+    table = torch.arange((2 * wh - 1) * (2 * ww - 1) * 2, dtype=torch.float64).view(-1, 2)
+    grid = bias_grid(table, w)
+    assert grid.shape == (2, 2 * wh - 1, 2 * ww - 1)
+    # timm: index = (dq_y + wh - 1) * (2ww - 1) + (dq_x + ww - 1) with dq = query - key.
+    for dy in range(-(wh - 1), wh):
+        for dx in range(-(ww - 1), ww):
+            timm_row = (-dy + wh - 1) * (2 * ww - 1) + (-dx + ww - 1)
+            assert torch.equal(grid[:, dy + wh - 1, dx + ww - 1], table[timm_row])
+
+
+def test_rectangular_bias_table_has_timm_shape_and_gives_timms_bias():
+    ours = WindowAttention(32, 4, AttnSpec(window_size=(5, 7)))
+    assert ours.relative_position_bias_table.shape == ((2 * 5 - 1) * (2 * 7 - 1), 4)
+    theirs = TimmWindowAttention(32, 4, window_size=(5, 7))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    torch.testing.assert_close(window_bias(ours.bias_grid(), 5, 7), theirs._get_rel_pos_bias()[0], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not square"):
+        bias_grid(ours.relative_position_bias_table)  # a rectangle's side cannot be inferred
+
+
+def test_resize_bias_table_to_and_from_rectangles():
+    def bicubic(t, old, new):
+        g = F.interpolate(t.T.reshape(1, 2, *old), size=new, mode="bicubic", align_corners=False)
+        return g.reshape(2, -1).T
+
+    square = torch.randn(13 * 13, 2)  # 7 x 7 window
+    torch.testing.assert_close(resize_bias_table(square, (5, 7)), bicubic(square, (13, 13), (9, 13)))
+    rect = torch.randn(9 * 13, 2)  # 5 x 7 window
+    assert resize_bias_table(rect, (5, 7)) is rect  # rows that cannot be square: taken as fitting already
+    torch.testing.assert_close(resize_bias_table(rect, 7, old_size=(5, 7)), bicubic(rect, (9, 13), (13, 13)))
+    torch.testing.assert_close(resize_bias_table(rect, (3, 9), old_size=(5, 7)), bicubic(rect, (9, 13), (5, 17)))
+    with pytest.raises(ValueError, match="pass its"):
+        resize_bias_table(rect, 7)
 
 
 

@@ -13,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from timm.layers import to_2tuple  # noqa: E402
 
-from .attention import AttnSpec, attention_kinds, create_attention  # noqa: E402
+from .attention import AttnSpec, attention_class, attention_kinds, create_attention  # noqa: E402
 
 
 def figure_to_array(fig: plt.Figure) -> np.ndarray:
@@ -70,10 +71,12 @@ def kind_patterns(dim: int, num_heads: int, h: int, w: int, spec: AttnSpec, sr_r
     """
     points = query_points(h, w)
     spec = replace(spec, dilation=max(spec.dilation, 2), sr_ratio=sr_ratio, attn_drop=0.0, proj_drop=0.0)
+    square = replace(spec, window_size=max(to_2tuple(spec.window_size)))  # for kinds that take no (h, w) window
     x = torch.randn(1, h, w, dim, generator=torch.Generator().manual_seed(0))
     maps = {}
     for kind in attention_kinds():
-        module = create_attention(kind, dim, num_heads, spec).eval()
+        fits = getattr(attention_class(kind), "non_square_window", False)
+        module = create_attention(kind, dim, num_heads, spec if fits else square).eval()
         if not module.exposes_maps:
             continue
         maps[kind] = module.attention_maps(x, points, pattern_only=True).mean(0)

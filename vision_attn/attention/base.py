@@ -6,13 +6,15 @@ from torch import nn
 
 from .global_tokens import global_token_attention
 from .registry import AttnSpec
-from .rel_pos import resize_bias_table
+from .rel_pos import resize_bias_table, table_window
 
 
 class QKVAttention(nn.Module):
     """Base: ``qkv`` and ``proj`` linears (timm names), heads, scale and dropouts."""
 
     kind = "base"
+    #: Whether ``spec.window_size`` may be a non-square ``(wh, ww)`` pair (kinds that ignore it say True too).
+    non_square_window = False
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__()
@@ -106,7 +108,9 @@ class QKVAttention(nn.Module):
             if table is not None:
                 table.zero_()
         try:
-            chunks = [self.attend(q, k, c.expand(1, self.num_heads, H, W, D)) for c in eye.split(D, dim=-1)]
+            # Minus what keys off the map contribute (the pads of timm-padded windows; zero elsewhere).
+            off_map = self.attend(q, k, torch.zeros_like(q))
+            chunks = [self.attend(q, k, c.expand_as(q)) - off_map for c in eye.split(D, dim=-1)]
             out = torch.cat(chunks, dim=-1)[..., :N]  # (1, heads, H, W, H*W)
         finally:
             if pattern_only and saved is not None:
@@ -119,10 +123,14 @@ class QKVAttention(nn.Module):
     def dropout_p(self) -> float:
         return self.attn_drop if self.training else 0.0
 
+    def bias_table_window(self) -> tuple[int, int]:
+        """The ``(wh, ww)`` window this module's bias table spans (square unless a kind overrides)."""
+        return table_window(self.relative_position_bias_table)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Resize a checkpoint's bias table (bicubic) when the window/kernel size differs."""
         key = prefix + "relative_position_bias_table"
         table = getattr(self, "relative_position_bias_table", None)
         if key in state_dict and table is not None and state_dict[key].shape != table.shape:
-            state_dict[key] = resize_bias_table(state_dict[key], int(round(table.shape[0] ** 0.5) + 1) // 2)
+            state_dict[key] = resize_bias_table(state_dict[key], self.bias_table_window())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

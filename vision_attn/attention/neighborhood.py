@@ -473,6 +473,8 @@ class TiledAttentionModule(QKVAttention):
 class NeighborhoodAttention(TiledAttentionModule):
     """NAT neighborhood attention (``spec.kernel_size``) with a learned relative position bias."""
 
+    non_square_window = True  # reads kernel_size (square), never window_size
+
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         if spec.kernel_size < 1:
             raise ValueError(f"kernel_size must be >= 1, got {spec.kernel_size}")

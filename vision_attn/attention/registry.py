@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Union
 
 from torch import nn
 
@@ -13,7 +13,7 @@ _ATTENTION: dict[str, type[nn.Module]] = {}
 class AttnSpec:
     """Everything a stage knows about its attention; each kind reads the fields it needs."""
 
-    window_size: int = 7
+    window_size: Union[int, tuple[int, int]] = 7  # window kinds take (wh, ww); the others a square int
     kernel_size: int = 7
     dilation: int = 1
     qkv_bias: bool = True
@@ -25,6 +25,7 @@ class AttnSpec:
     lsh_buckets: int = 0  # lsh: hash buckets (even); 0 = 2 * ceil(N / chunk) on an N-token map
     lsh_hashes: int = 1  # lsh: hash rounds, combined by log-sum-exp
     routed_topk: int = 4  # routed: regions (window_size x window_size tokens) gathered per region
+    window_padding: str = "mask"  # window kinds: "mask" never attends padded keys; "timm" as timm's Swin
 
 
 def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:

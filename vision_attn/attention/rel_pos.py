@@ -1,52 +1,86 @@
 """Learned relative position bias shared by every attention kind.
 
-Tables are stored in timm's Swin layout, ``((2w-1)**2, heads)``, so timm weights load
-unchanged. Kernels consume the *grid* view ``(heads, 2w-1, 2w-1)`` indexed by the
-key-minus-query offset ``(dy + w - 1, dx + w - 1)`` (NATTEN's convention).
+Tables are stored in timm's Swin layout, ``((2wh-1)*(2ww-1), heads)`` for a ``wh x ww`` window
+(``(2w-1)**2`` when square), so timm weights load unchanged. Kernels consume the *grid* view
+``(heads, 2wh-1, 2ww-1)`` indexed by the key-minus-query offset ``(dy + wh - 1, dx + ww - 1)``
+(NATTEN's convention).
 """
 from __future__ import annotations
 
+from typing import Optional, Union
+
 import torch
 from torch import nn
-from timm.layers import trunc_normal_
+from timm.layers import to_2tuple, trunc_normal_
 
 
-def new_bias_table(num_heads: int, size: int) -> nn.Parameter:
-    """A fresh ``((2*size-1)**2, heads)`` table, truncated-normal(std=.02) like timm."""
-    table = nn.Parameter(torch.zeros((2 * size - 1) ** 2, num_heads))
+Size = Union[int, tuple[int, int]]
+
+
+def new_bias_table(num_heads: int, size: Size) -> nn.Parameter:
+    """A fresh ``((2*wh-1)*(2*ww-1), heads)`` table for a ``size`` window, truncated-normal(std=.02) like timm."""
+    wh, ww = to_2tuple(size)
+    table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
     trunc_normal_(table, std=0.02)
     return table
 
 
-def bias_grid(table: torch.Tensor) -> torch.Tensor:
-    """timm table ``((2w-1)**2, heads)`` -> grid ``(heads, 2w-1, 2w-1)`` indexed by key - query.
+def _square_side(rows: int) -> Optional[int]:
+    """``2w-1`` when ``rows`` is ``(2w-1)**2``, else None."""
+    side = int(round(rows**0.5))
+    return side if side * side == rows and side % 2 else None
 
+
+def table_window(table: torch.Tensor, size: Optional[Size] = None) -> tuple[int, int]:
+    """The ``(wh, ww)`` window a timm-layout table spans: ``size`` (checked), or square when not given."""
+    rows = table.shape[0]
+    if size is None:
+        side = _square_side(rows)
+        if side is None:
+            raise ValueError(f"a bias table of {rows} rows is not square: pass its (wh, ww) window")
+        return (side + 1) // 2, (side + 1) // 2
+    wh, ww = to_2tuple(size)
+    if (2 * wh - 1) * (2 * ww - 1) != rows:
+        raise ValueError(f"a bias table of {rows} rows does not fit a {wh} x {ww} window")
+    return wh, ww
+
+
+def bias_grid(table: torch.Tensor, size: Optional[Size] = None) -> torch.Tensor:
+    """timm table ``((2wh-1)*(2ww-1), heads)`` -> grid ``(heads, 2wh-1, 2ww-1)`` indexed by key - query.
+
+    ``size`` is the table's ``(wh, ww)`` window; without it the table must be square.
     timm indexes by query - key, so the grid is the table flipped on both offset axes.
     """
-    side = int(round(table.shape[0] ** 0.5))
-    return table.view(side, side, -1).permute(2, 0, 1).flip(1, 2)
+    wh, ww = table_window(table, size)
+    return table.view(2 * wh - 1, 2 * ww - 1, -1).permute(2, 0, 1).flip(1, 2)
 
 
 def window_bias(grid: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
     """Dense ``(heads, N, N)`` bias for a ``wh x ww`` window (N = wh*ww) from a bias grid."""
-    c = (grid.shape[-1] - 1) // 2
+    cy, cx = (grid.shape[-2] - 1) // 2, (grid.shape[-1] - 1) // 2
     ys, xs = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
     ys, xs = ys.flatten(), xs.flatten()
-    dy = ys[None, :] - ys[:, None] + c  # [query, key] -> key - query offset
-    dx = xs[None, :] - xs[:, None] + c
+    dy = ys[None, :] - ys[:, None] + cy  # [query, key] -> key - query offset
+    dx = xs[None, :] - xs[:, None] + cx
     return grid[:, dy.to(grid.device), dx.to(grid.device)]
 
 
-def resize_bias_table(table: torch.Tensor, new_size: int) -> torch.Tensor:
-    """Bicubic resize of a timm-layout table to a new window/kernel size (fine-tuning)."""
-    old = int(round(table.shape[0] ** 0.5))
-    new = 2 * new_size - 1
-    if old == new:
+def resize_bias_table(table: torch.Tensor, new_size: Size, old_size: Optional[Size] = None) -> torch.Tensor:
+    """Bicubic resize of a timm-layout table to a new ``new_size`` window/kernel (fine-tuning).
+
+    Without ``old_size`` the source is taken as square, or, when its rows cannot be square, as
+    already fitting ``new_size`` (timm's ``resize_rel_pos_bias_table`` rule).
+    """
+    new_h, new_w = (2 * s - 1 for s in to_2tuple(new_size))
+    if old_size is None and _square_side(table.shape[0]) is None and table.shape[0] == new_h * new_w:
+        return table
+    old_h, old_w = (2 * s - 1 for s in table_window(table, old_size))
+    if (old_h, old_w) == (new_h, new_w):
         return table
     heads = table.shape[1]
-    grid = table.T.reshape(1, heads, old, old).float()
-    grid = nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return grid.reshape(heads, new * new).T.to(table.dtype)
+    grid = table.T.reshape(1, heads, old_h, old_w).float()
+    grid = nn.functional.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    return grid.reshape(heads, new_h * new_w).T.to(table.dtype)
 
 
 def clipped_pair_index(q_pos: torch.Tensor, k_pos: torch.Tensor, width: int, side: int) -> torch.Tensor:

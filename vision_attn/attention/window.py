@@ -1,9 +1,14 @@
 """Window (Swin W-MSA) and shifted-window (SW-MSA) attention.
 
-Semantics (DESIGN.md): pad H, W at the bottom/right to multiples of the window, optionally
-roll by ``(-s, -s)``, attend inside each ``w x w`` window; padded keys are never attended and,
-after a shift, a query only sees keys of its own contiguous region (Swin's region mask).
-Per axis, a map no larger than the window is one window and is not shifted.
+Semantics (DESIGN.md): pad H, W at the bottom/right to multiples of the ``wh x ww`` window,
+optionally roll by ``(-sh, -sw)``, attend inside each window; after a shift a query only sees
+keys of its own contiguous region (Swin's region mask). Per axis, a map no larger than the window
+is one window and is not shifted. Padding, ``padding=``:
+
+- ``"mask"`` (default): pad, then roll; padded keys are never attended.
+- ``"timm"``: timm's ``SwinTransformerBlock``: roll the unpadded map, then zero-pad; padded keys
+  are attended (in a module they are the qkv projection of zeros, i.e. its bias) and the region
+  mask is laid over the padded map. ``from_timm`` uses it to reproduce timm exactly.
 """
 from __future__ import annotations
 
@@ -13,15 +18,18 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from timm.layers import to_2tuple
 
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
-from .rel_pos import bias_grid, new_bias_table, window_bias
+from .rel_pos import Size, bias_grid, new_bias_table, window_bias
+
+PADDINGS = ("mask", "timm")
 
 
 @dataclass(frozen=True)
 class WindowGeometry:
-    """Window and shift actually used on an ``H x W`` map (per axis)."""
+    """Window and shift actually used on an ``H x W`` map (per axis), and the padding semantics."""
 
     H: int
     W: int
@@ -29,13 +37,15 @@ class WindowGeometry:
     ww: int
     sh: int
     sw: int
+    padding: str = "mask"
 
     @classmethod
-    def of(cls, H: int, W: int, window_size: int, shift_size: int = 0) -> "WindowGeometry":
-        wh, ww = min(window_size, H), min(window_size, W)
-        sh = shift_size if H > window_size else 0
-        sw = shift_size if W > window_size else 0
-        return cls(H, W, wh, ww, sh, sw)
+    def of(cls, H: int, W: int, window_size: Size, shift_size: Size = 0, padding: str = "mask") -> "WindowGeometry":
+        """Shrink the window to the map and drop the shift per axis where the map fits in one window."""
+        if padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        (wh, ww), (sh, sw) = to_2tuple(window_size), to_2tuple(shift_size)
+        return cls(H, W, min(wh, H), min(ww, W), sh if H > wh else 0, sw if W > ww else 0, padding)
 
     @property
     def Hp(self) -> int:
@@ -50,19 +60,45 @@ class WindowGeometry:
         return (self.Hp // self.wh) * (self.Wp // self.ww)
 
     @property
+    def padded(self) -> bool:
+        return self.Hp != self.H or self.Wp != self.W
+
+    @property
     def needs_mask(self) -> bool:
-        return bool(self.sh or self.sw or self.Hp != self.H or self.Wp != self.W)
+        return bool(self.sh or self.sw or (self.padded and self.padding == "mask"))
 
 
-def partition(x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
-    """Pad, roll and split ``(B, H, W, C)`` into windows ``(B, nW, wh*ww, C)``."""
-    B, H, W, C = x.shape
-    if geo.Hp != H or geo.Wp != W:
-        x = F.pad(x, (0, 0, 0, geo.Wp - W, 0, geo.Hp - H))
-    if geo.sh or geo.sw:
-        x = torch.roll(x, shifts=(-geo.sh, -geo.sw), dims=(1, 2))
+def _pad(x: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pad ``(B, H, W, C)`` at the bottom/right to ``(B, Hp, Wp, C)`` with zeros, or ``fill`` ``(C,)``."""
+    if not geo.padded:
+        return x
+    x = F.pad(x, (0, 0, 0, geo.Wp - geo.W, 0, geo.Hp - geo.H))
+    if fill is not None:
+        x[:, geo.H :], x[:, :, geo.W :] = fill, fill
+    return x
+
+
+def _roll(x: torch.Tensor, geo: WindowGeometry, sign: int) -> torch.Tensor:
+    return torch.roll(x, shifts=(sign * geo.sh, sign * geo.sw), dims=(1, 2)) if geo.sh or geo.sw else x
+
+
+def arrange(x: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, H, W, C)`` -> the padded, rolled ``(B, Hp, Wp, C)`` map the windows tile."""
+    if geo.padding == "timm":
+        return _pad(_roll(x, geo, -1), geo, fill)
+    return _roll(_pad(x, geo, fill), geo, -1)
+
+
+def _split(x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
+    """``(B, Hp, Wp, C)`` -> windows ``(B, nW, wh*ww, C)``."""
+    B, C = x.shape[0], x.shape[-1]
     x = x.view(B, geo.Hp // geo.wh, geo.wh, geo.Wp // geo.ww, geo.ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(B, geo.num_windows, geo.wh * geo.ww, C)
+
+
+def partition(x: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pad, roll and split ``(B, H, W, C)`` into windows ``(B, nW, wh*ww, C)`` (pads: zeros or ``fill``)."""
+    return _split(arrange(x, geo, fill), geo)
 
 
 def unpartition(x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
@@ -70,9 +106,8 @@ def unpartition(x: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
     B, C = x.shape[0], x.shape[-1]
     x = x.view(B, geo.Hp // geo.wh, geo.Wp // geo.ww, geo.wh, geo.ww, C)
     x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, geo.Hp, geo.Wp, C)
-    if geo.sh or geo.sw:
-        x = torch.roll(x, shifts=(geo.sh, geo.sw), dims=(1, 2))
-    return x[:, : geo.H, : geo.W] if (geo.Hp != geo.H or geo.Wp != geo.W) else x
+    crop = (lambda t: t[:, : geo.H, : geo.W]) if geo.padded else (lambda t: t)
+    return _roll(crop(x), geo, 1) if geo.padding == "timm" else crop(_roll(x, geo, 1))
 
 
 def _region_labels(length: int, window: int, shift: int) -> torch.Tensor:
@@ -86,16 +121,15 @@ def _region_labels(length: int, window: int, shift: int) -> torch.Tensor:
 
 @lru_cache(maxsize=128)
 def _allowed_cpu(geo: WindowGeometry) -> torch.Tensor:
-    # Region labels live in rolled coordinates; unroll them so partition() rolls them back.
+    # Region labels over the arranged (padded, rolled) map, as the windows see it.
     label = _region_labels(geo.Hp, geo.wh, geo.sh)[:, None] * 3 + _region_labels(geo.Wp, geo.ww, geo.sw)[None, :]
-    label = torch.roll(label, shifts=(geo.sh, geo.sw), dims=(0, 1))
-    valid = torch.zeros(geo.Hp, geo.Wp, dtype=torch.long)
-    valid[: geo.H, : geo.W] = 1
-    both = partition(torch.stack([label, valid], -1)[None], geo)[0]  # (nW, N, 2)
-    lab, val = both[..., 0], both[..., 1].bool()
-    allowed = (lab[:, :, None] == lab[:, None, :]) & val[:, None, :]
-    # Pad queries are cropped away later; letting them see themselves keeps every row finite.
-    return allowed | torch.eye(allowed.shape[-1], dtype=torch.bool)
+    lab = _split(label[None, :, :, None], geo)[0, ..., 0]  # (nW, N)
+    allowed = lab[:, :, None] == lab[:, None, :]
+    if geo.padding == "mask":
+        valid = partition(torch.ones(1, geo.H, geo.W, 1, dtype=torch.bool), geo)[0, ..., 0]
+        # Pad queries are cropped away later; letting them see themselves keeps every row finite.
+        allowed = allowed & valid[:, None, :] | torch.eye(allowed.shape[-1], dtype=torch.bool)
+    return allowed
 
 
 @lru_cache(maxsize=128)
@@ -188,7 +222,7 @@ def windowed_sdpa(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """SDPA over windows: q, k, v ``(B, nW, heads, N, D)``; ``grid`` a ``(heads, 2w-1, 2w-1)`` bias."""
+    """SDPA over windows: q, k, v ``(B, nW, heads, N, D)``; ``grid`` a ``(heads, 2wh-1, 2ww-1)`` bias."""
     allowed = allowed_mask(geo, q.device)
     mask = None
     if grid is not None:
@@ -218,10 +252,10 @@ def windowed_sdpa(
     return out.view(B, nW, nh, N, v.shape[-1])
 
 
-def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry) -> torch.Tensor:
-    """``(B, heads, H, W, D)`` -> ``(B, nW, heads, N, D)``."""
+def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``(B, heads, H, W, D)`` -> ``(B, nW, heads, N, D)``; pads are zeros or ``fill`` ``(heads, D)``."""
     B, nh, H, W, D = t.shape
-    t = partition(t.permute(0, 2, 3, 1, 4).reshape(B, H, W, nh * D), geo)
+    t = partition(t.permute(0, 2, 3, 1, 4).reshape(B, H, W, nh * D), geo, None if fill is None else fill.reshape(-1))
     return t.view(B, geo.num_windows, -1, nh, D).transpose(2, 3)
 
 
@@ -232,88 +266,125 @@ def _windows_to_heads(t: torch.Tensor, geo: WindowGeometry, H: int, W: int) -> t
     return t.view(B, H, W, nh, D).permute(0, 3, 1, 2, 4)
 
 
+PadKV = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _to_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: Size, shift: Size, padding: str,
+                pad_kv: PadKV) -> tuple[WindowGeometry, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Geometry of the ``(B, heads, H, W, D)`` map and q, k, v as windows ``(B, nW, heads, N, D)``."""
+    geo = WindowGeometry.of(q.shape[2], q.shape[3], window_size, shift, padding)
+    k_fill, v_fill = pad_kv if pad_kv is not None else (None, None)
+    return geo, _heads_to_windows(q, geo), _heads_to_windows(k, geo, k_fill), _heads_to_windows(v, geo, v_fill)
+
+
 def window_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window_size: int,
-    shift: int = 0,
+    window_size: Size,
+    shift: Size = 0,
     bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    padding: str = "mask",
+    pad_kv: PadKV = None,
 ) -> torch.Tensor:
     """(Shifted) window attention. q, k, v: ``(B, heads, H, W, D)``; returns the same shape.
 
-    ``bias`` is an optional ``(heads, 2w-1, 2w-1)`` table indexed by key-minus-query offset.
+    ``window_size`` and ``shift`` are an int or per axis ``(h, w)``. ``bias`` is an optional
+    ``(heads, 2wh-1, 2ww-1)`` grid indexed by key-minus-query offset. ``padding="timm"`` attends
+    padded keys (see the module docstring) whose k and v are zeros, or ``pad_kv`` ``(heads, D)`` each.
     """
-    B, nh, H, W, D = q.shape
-    geo = WindowGeometry.of(H, W, window_size, shift)
-    qw, kw, vw = (_heads_to_windows(t, geo) for t in (q, k, v))
-    return _windows_to_heads(windowed_sdpa(qw, kw, vw, geo, bias, scale), geo, H, W)
+    geo, qw, kw, vw = _to_windows(q, k, v, window_size, shift, padding, pad_kv)
+    return _windows_to_heads(windowed_sdpa(qw, kw, vw, geo, bias, scale), geo, q.shape[2], q.shape[3])
 
 
 def window_attention_lse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window_size: int,
-    shift: int = 0,
+    window_size: Size,
+    shift: Size = 0,
     bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    padding: str = "mask",
+    pad_kv: PadKV = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`window_attention` (explicit softmax) plus the per-query log-sum-exp ``(B, heads, H, W)``."""
-    B, nh, H, W, D = q.shape
-    geo = WindowGeometry.of(H, W, window_size, shift)
-    qw, kw, vw = (_heads_to_windows(t, geo) for t in (q, k, v))  # (B, nW, heads, N, D)
-    scores = (qw @ kw.transpose(-1, -2)) * (D**-0.5 if scale is None else scale)
+    geo, qw, kw, vw = _to_windows(q, k, v, window_size, shift, padding, pad_kv)  # (B, nW, heads, N, D)
+    scores = (qw @ kw.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
     if bias is not None:
         scores = scores + window_bias(bias, geo.wh, geo.ww).to(q.dtype)
     allowed = allowed_mask(geo, q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     out = torch.cat([scores.softmax(-1) @ vw, scores.logsumexp(-1, keepdim=True)], -1)  # lse: one more channel
-    out = _windows_to_heads(out, geo, H, W)
+    out = _windows_to_heads(out, geo, q.shape[2], q.shape[3])
     return out[..., :-1], out[..., -1]
+
+
+def _fmt(size: tuple[int, int]) -> Size:
+    return size[0] if size[0] == size[1] else size
 
 
 @register_attention("window")
 class WindowAttention(QKVAttention):
-    """Swin W-MSA on a ``(B, H, W, C)`` map, with a learned relative position bias."""
+    """Swin W-MSA on a ``(B, H, W, C)`` map, with a learned relative position bias (``wh x ww`` windows)."""
 
     shifted = False
+    non_square_window = True
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
-        if spec.window_size < 1:
+        self.window_size: tuple[int, int] = to_2tuple(spec.window_size)
+        if min(self.window_size) < 1:
             raise ValueError(f"window_size must be >= 1, got {spec.window_size}")
-        self.window_size = spec.window_size
-        self.shift_size = spec.window_size // 2 if self.shifted else 0
-        self.relative_position_bias_table = new_bias_table(num_heads, spec.window_size) if spec.rel_pos_bias else None
+        if spec.window_padding not in PADDINGS:
+            raise ValueError(f"window_padding must be one of {PADDINGS}, got {spec.window_padding!r}")
+        self.padding = spec.window_padding
+        self.shift_size = tuple(w // 2 for w in self.window_size) if self.shifted else (0, 0)  # timm's rule
+        self.relative_position_bias_table = new_bias_table(num_heads, self.window_size) if spec.rel_pos_bias else None
+
+    def bias_table_window(self) -> tuple[int, int]:
+        return self.window_size
 
     def bias_grid(self) -> Optional[torch.Tensor]:
-        """``(heads, 2w-1, 2w-1)`` view of the bias table, or None."""
+        """``(heads, 2wh-1, 2ww-1)`` view of the bias table, or None."""
         t = self.relative_position_bias_table
-        return None if t is None else bias_grid(t)
+        return None if t is None else bias_grid(t, self.window_size)
+
+    def pad_kv(self) -> PadKV:
+        """k and v of a padded token under ``"timm"`` padding: the projection of zeros, i.e. the qkv bias."""
+        b = self.qkv.bias
+        if self.padding != "timm" or b is None:
+            return None
+        _, k, v = b.view(3, self.num_heads, self.head_dim)
+        return k, v
+
+    def _args(self) -> tuple[Any, ...]:
+        return self.window_size, self.shift_size, self.bias_grid(), self.scale, self.padding, self.pad_kv()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v ``(B, heads, H, W, D)`` -> the same shape."""
-        return window_attention(q, k, v, self.window_size, self.shift_size, self.bias_grid(), self.scale)
+        return window_attention(q, k, v, *self._args())
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return window_attention_lse(q, k, v, self.window_size, self.shift_size, self.bias_grid(), self.scale)
+        return window_attention_lse(q, k, v, *self._args())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, H, W, C = x.shape
-        geo = WindowGeometry.of(H, W, self.window_size, self.shift_size)
-        q, k, v = self.split_qkv(partition(x, geo))  # (B, nW, heads, N, D)
+        geo = WindowGeometry.of(H, W, self.window_size, self.shift_size, self.padding)
+        q, k, v = self.split_qkv(partition(x, geo))  # (B, nW, heads, N, D); pads project to the qkv bias
         out = windowed_sdpa(q, k, v, geo, self.bias_grid(), self.scale, self.dropout_p)
         return unpartition(self.merge_heads(out), geo)
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.num_heads}, window={self.window_size}, shift={self.shift_size}"
+        pad = ", padding=timm" if self.padding == "timm" else ""
+        return (f"dim={self.dim}, heads={self.num_heads}, window={_fmt(self.window_size)}, "
+                f"shift={_fmt(self.shift_size)}{pad}")
 
 
 @register_attention("shifted_window")
 class ShiftedWindowAttention(WindowAttention):
-    """Swin SW-MSA: window attention after a cyclic shift by half a window."""
+    """Swin SW-MSA: window attention after a cyclic shift by half a window per axis, ``(wh // 2, ww // 2)``."""
 
     shifted = True
