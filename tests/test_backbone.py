@@ -14,7 +14,8 @@ from vision_attn.timm_models import NAMES, timm_name
 
 
 
-def tiny_timm_swin(img: int = 64, window: int = 4, classes: int = 7) -> SwinTransformer:
+def tiny_timm_swin(img: int | tuple[int, int] = 64, window: int | tuple[int, int] = 4, classes: int = 7
+                   ) -> SwinTransformer:
     torch.manual_seed(0)
     model = SwinTransformer(
         img_size=img, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=window, num_classes=classes
@@ -28,22 +29,51 @@ def tiny_timm_swin(img: int = 64, window: int = 4, classes: int = 7) -> SwinTran
 @pytest.mark.parametrize(
     "build,img",
     [
-        (lambda: tiny_timm_swin(64, 4), 64),
-        (lambda: tiny_timm_swin(128, 8), 128),  # stage maps 32,16,8,4: last stage shrinks to 4
-        (lambda: tiny_timm_swin(96, 6), 96),
-        (lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=10), 224),
-        (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=112, num_classes=3), 112),
+        (lambda: tiny_timm_swin(64, 4), (64, 64)),
+        (lambda: tiny_timm_swin(128, 8), (128, 128)),  # stage maps 32,16,8,4: last stage shrinks to 4
+        (lambda: tiny_timm_swin(96, 6), (96, 96)),
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", num_classes=10), (224, 224)),
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=112, num_classes=3), (112, 112)),
+        # Non-square image and window: maps 40x56 .. 5x7, all multiples of the 5 x 7 window.
+        (lambda: tiny_timm_swin((160, 224), (5, 7), classes=10), (160, 224)),
+        # 5 x 5 windows on 40x56 .. 5x7 maps: padded (timm's padding semantics), last stage (5, 5).
+        (lambda: tiny_timm_swin((160, 224), 5, classes=10), (160, 224)),
+        # timm shrinks 7 x 7 to the 5-row map of the last stage: a (5, 7) window there.
+        (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=(160, 224), embed_dim=16,
+                                   depths=(1, 1, 2, 2), num_heads=(1, 2, 2, 4), num_classes=10), (160, 224)),
     ],
 )
 def test_from_timm_gives_identical_outputs(build, img):
     theirs = build().eval()
     ours = va.from_timm(theirs).eval()
-    x = torch.randn(2, 3, img, img)
+    x = torch.randn(2, 3, *img)
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max() <= 1e-4
         torch.testing.assert_close(ours.forward_features(x), theirs.forward_features(x), atol=1e-4, rtol=0)
     gx = [torch.autograd.grad(m(x).square().sum(), m.patch_embed.proj.weight)[0] for m in (ours, theirs)]
     torch.testing.assert_close(gx[0], gx[1], atol=1e-4, rtol=1e-4)
+
+
+def test_from_timm_pads_like_timm_and_masked_padding_differs():
+    """5 x 5 windows on maps that are not multiples of 5: timm attends its zero-padded keys."""
+    theirs = tiny_timm_swin((160, 224), 5, classes=10)
+    ours = va.from_timm(theirs).eval()
+    assert {b.attn.padding for stage in ours.layers for b in stage.blocks} == {"timm"}
+    masked = va.from_timm(theirs).eval()
+    for stage in masked.layers:
+        for block in stage.blocks:
+            block.attn.padding = "mask"  # our default semantics, same weights
+    x = torch.randn(2, 3, 160, 224)
+    with torch.no_grad():
+        assert (ours.forward_features(x) - theirs.forward_features(x)).abs().max() <= 1e-4
+        assert (masked.forward_features(x) - theirs.forward_features(x)).abs().max() > 1e-2
+
+
+def test_from_timm_refuses_always_partition_on_maps_no_larger_than_the_window():
+    theirs = SwinTransformer(img_size=64, embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4,
+                             always_partition=True)
+    with pytest.raises(ValueError, match="stage 2: timm's always_partition=True"):
+        va.from_timm(theirs)
 
 
 def test_every_variant_and_size_is_in_timm_registry():
@@ -86,6 +116,59 @@ def test_bias_tables_resize_bicubic_when_loading_a_different_window():
     expected = F.interpolate(table.T.reshape(1, 1, 7, 7), size=(11, 11), mode="bicubic", align_corners=False)
     torch.testing.assert_close(got, expected.reshape(1, 121).T)
     assert large(torch.randn(1, 3, 64, 64)).shape == (1, 4)
+
+
+def test_bias_tables_resize_to_rectangular_windows_when_loading():
+    square = va.create_model("swin", "pico", num_classes=4, img_size=(40, 56), window_size=7)
+    rect = va.create_model("swin", "pico", num_classes=4, img_size=(40, 56), window_size=[[5, 7]])
+    rect.load_state_dict(square.state_dict(), strict=True)
+    table = square.layers[0].blocks[1].attn.relative_position_bias_table.detach()
+    got = rect.layers[0].blocks[1].attn.relative_position_bias_table.detach()
+    assert got.shape == (9 * 13, 1)
+    torch.testing.assert_close(got, va.attention.resize_bias_table(table, (5, 7)))
+    assert rect(torch.randn(1, 3, 40, 56)).shape == (1, 4)
+
+
+@pytest.mark.parametrize(
+    "window,windows",
+    [
+        (5, [5, 5, 5, 5]),
+        ([[5, 7]], [(5, 7)] * 4),  # one entry serves every stage
+        ([[5, 7], [5, 7], 7, [3, 3]], [(5, 7), (5, 7), 7, 3]),  # per stage; square pairs are ints
+        ((6, 6, 6, (2, 4)), [6, 6, 6, (2, 4)]),
+    ],
+)
+def test_window_size_int_pair_or_one_per_stage(window, windows):
+    model = va.create_model("swin", "pico", num_classes=2, img_size=(40, 56), window_size=window, drop_path_rate=0.0)
+    got = [stage.blocks[1].attn.window_size for stage in model.layers]
+    assert got == [w if isinstance(w, tuple) else (w, w) for w in windows]
+    shifts = [stage.blocks[1].attn.shift_size for stage in model.layers]
+    assert shifts == [(h // 2, w // 2) for h, w in got]  # timm's rule, per axis
+    assert model(torch.randn(1, 3, 40, 56)).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    "variant,overrides,match",
+    [
+        ("swin", dict(window_size=[5, 7]), r"model\.window_size=\[5, 7\].*\[\[5,7\]\]"),  # bare pair: 2 of 4 stages
+        ("swin", dict(window_size=[[5, 7, 1]]), r"model\.window_size"),
+        ("swin", dict(window_size=[[0, 7]]), r"model\.window_size"),
+        ("swin", dict(window_size=[[5, 7]] * 3), r"model\.window_size.*one entry per stage \(4\)"),
+        ("swin", dict(window_size=True), r"model\.window_size"),
+        ("maxvit_like", dict(window_size=[[5, 7]]), r"model\.window_size=.*\['grid'\]"),
+        ("swin_global", dict(window_size=[7, 7, (5, 7), 7]), r"model\.window_size=.*\['global'\]"),
+        ("swin", dict(window_padding="zeros"), r"model\.window_padding='zeros'.*'mask'.*'timm'"),
+    ],
+)
+def test_bad_window_configs_are_config_errors_naming_the_key(variant, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        va.create_model(variant, "pico", num_classes=2, img_size=32, **overrides)
+
+
+def test_a_bare_pair_is_per_stage_on_a_two_stage_model():
+    model = va.create_model("swin", "pico", num_classes=2, img_size=64, depths=[2, 2], num_heads=[1, 2],
+                            window_size=[4, 2])
+    assert [stage.blocks[0].attn.window_size for stage in model.layers] == [(4, 4), (2, 2)]
 
 
 def test_pretrained_from_a_local_state_dict(tmp_path):

@@ -10,9 +10,11 @@ from timm.models._features import feature_take_indices
 
 from .attention import AttnSpec
 from .blocks import Stage
+from .errors import ConfigError
 from .stems import create_stem
 
 IntOrSeq = Union[int, Sequence[int]]
+WindowArg = Union[int, Sequence[Union[int, Sequence[int]]]]
 
 
 def per_stage(value: Any, num_stages: int) -> list:
@@ -22,11 +24,45 @@ def per_stage(value: Any, num_stages: int) -> list:
     return [value] * num_stages
 
 
+def _window(entry: Any) -> Optional[Union[int, tuple[int, int]]]:
+    """An int or ``[h, w]`` entry -> int (square) or ``(h, w)``; None if it is neither."""
+    ok = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1  # noqa: E731
+    if ok(entry):
+        return entry
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and all(ok(v) for v in entry):
+        return entry[0] if entry[0] == entry[1] else (entry[0], entry[1])
+    return None
+
+
+def stage_windows(window_size: WindowArg, num_stages: int) -> list[Union[int, tuple[int, int]]]:
+    """One window per stage from ``model.window_size``: int = square ``w x w``, ``(h, w)`` = non-square.
+
+    ``window_size`` is an int (every stage) or a list with one entry per stage (a single entry
+    serves every stage), each entry an int or an ``[h, w]`` pair. A bare ``[h, w]`` is read as
+    a per-stage list, never as one window (unlike timm): write ``[[h, w]]``.
+    """
+    entries = list(window_size) if isinstance(window_size, (list, tuple)) else [window_size]
+    windows = [_window(e) for e in entries]
+    if len(windows) == 1:
+        windows *= num_stages
+    if None in windows or len(windows) != num_stages:
+        shown = list(window_size) if isinstance(window_size, (list, tuple)) else window_size
+        raise ConfigError(
+            f"model.window_size={shown} must be a positive integer, or a list with one entry per stage "
+            f"({num_stages}) or a single entry for all, each an integer or an [h, w] pair: e.g. 7, [7,7,14,7], "
+            f"[[5,7]] (a 5 x 7 window in every stage) or [[5,7],[5,7],7,7]"
+        )
+    return windows
+
+
 class VisionAttnTransformer(nn.Module):
     """Swin-style hierarchical transformer whose blocks use any registered attention kind.
 
     State-dict names follow timm's ``SwinTransformer`` (``patch_embed``, ``layers.i.blocks.j``,
-    ``norm``, ``head.fc``), so timm Swin weights load directly.
+    ``norm``, ``head.fc``), so timm Swin weights load directly. ``window_size``: see
+    :func:`stage_windows`. ``window_padding`` (window kinds): ``"mask"`` never attends the keys
+    padded up to a multiple of the window; ``"timm"`` reproduces timm's Swin (roll, zero-pad,
+    attend the pads), as :func:`vision_attn.from_timm` sets.
     """
 
     def __init__(
@@ -39,7 +75,7 @@ class VisionAttnTransformer(nn.Module):
         depths: Sequence[int] = (2, 2, 6, 2),
         num_heads: Sequence[int] = (3, 6, 12, 24),
         block_pattern: Sequence[str] = ("window", "shifted_window"),
-        window_size: IntOrSeq = 7,
+        window_size: WindowArg = 7,
         kernel_size: IntOrSeq = 7,
         dilations: Optional[Sequence[Sequence[int]]] = None,
         mlp_ratio: float = 4.0,
@@ -59,13 +95,14 @@ class VisionAttnTransformer(nn.Module):
         lsh_buckets: int = 0,
         lsh_hashes: int = 1,
         routed_topk: IntOrSeq = 4,
+        window_padding: str = "mask",
     ) -> None:
         super().__init__()
         n = len(depths)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
         self.patch_embed = create_stem(stem, img_size, patch_size, in_chans, embed_dim)
-        windows, kernels = per_stage(window_size, n), per_stage(kernel_size, n)
+        windows, kernels = stage_windows(window_size, n), per_stage(kernel_size, n)
         tokens, ratios = per_stage(global_tokens, n), per_stage(sr_ratio, n)
         chunks, topks = per_stage(lsh_chunk, n), per_stage(routed_topk, n)
         dilations = dilations or [[1]] * n
@@ -77,7 +114,7 @@ class VisionAttnTransformer(nn.Module):
             specs = [
                 AttnSpec(windows[i], kernels[i], d, qkv_bias, attn_drop_rate, proj_drop_rate, rel_pos_bias,
                          sr_ratio=ratios[i], lsh_chunk=chunks[i], lsh_buckets=lsh_buckets, lsh_hashes=lsh_hashes,
-                         routed_topk=topks[i])
+                         routed_topk=topks[i], window_padding=window_padding)
                 for d in per_stage(dilations[i], 1)
             ]
             stages.append(

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -15,18 +14,23 @@ from .variants import VARIANTS
 log = logging.getLogger(__name__)
 
 
-def _square(window: Any, where: str) -> int:
-    wh, ww = (window, window) if isinstance(window, int) else tuple(window)
-    if wh != ww:
-        raise ValueError(f"{where}: non-square window {window} is not supported")
-    return int(wh)
+def _stage_window(block: nn.Module, stage: int) -> tuple[int, int]:
+    """A timm block's (possibly shrunk, possibly non-square) window, checked against our shrinking rule."""
+    window = tuple(int(w) for w in block.window_size)
+    if getattr(block, "always_partition", False) and any(r <= w for r, w in zip(block.input_resolution, window)):
+        raise ValueError(
+            f"stage {stage}: timm's always_partition=True keeps a {window} window (and its shift) on a "
+            f"{tuple(block.input_resolution)} map; from_timm follows timm's default (shrink to the map)"
+        )
+    return window
 
 
 def from_timm(model: nn.Module) -> VisionAttnTransformer:
-    """Our ``swin`` variant with the weights of a timm ``SwinTransformer`` (v1).
+    """Our ``swin`` variant with the weights of a timm ``SwinTransformer`` (v1) and its outputs.
 
-    Per-stage window sizes are taken from timm's blocks (timm shrinks windows on small maps),
-    so the outputs are identical wherever the feature maps divide the windows.
+    Per-stage ``(h, w)`` windows are taken from timm's blocks (timm shrinks windows on small
+    maps, per axis), and ``window_padding="timm"`` reproduces timm's padding where a feature map
+    is not a multiple of the window (roll, zero-pad, attend the padded keys).
     """
     if type(model).__name__ != "SwinTransformer":
         raise TypeError(f"from_timm expects timm's SwinTransformer, got {type(model).__name__}")
@@ -42,7 +46,8 @@ def from_timm(model: nn.Module) -> VisionAttnTransformer:
         depths=[len(stage.blocks) for stage in stages],
         num_heads=[b.attn.num_heads for b in blocks],
         block_pattern=VARIANTS["swin"]["block_pattern"],
-        window_size=[_square(b.window_size, f"stage {i}") for i, b in enumerate(blocks)],
+        window_size=[_stage_window(b, i) for i, b in enumerate(blocks)],
+        window_padding="timm",
         mlp_ratio=blocks[0].mlp.fc1.out_features / blocks[0].mlp.fc1.in_features,
         qkv_bias=blocks[0].attn.qkv.bias is not None,
         drop_path_rate=0.0,

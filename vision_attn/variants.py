@@ -5,7 +5,8 @@ import inspect
 from typing import Any
 
 from .attention import attention_class, attention_kinds
-from .backbone import VisionAttnTransformer
+from .attention.window import PADDINGS
+from .backbone import VisionAttnTransformer, stage_windows
 from .errors import ConfigError
 
 # Attention pattern per variant (it cycles over each stage's blocks) and its size family.
@@ -128,10 +129,9 @@ STEMS, DOWNSAMPLERS = ("patch", "conv"), ("merge", "conv")
 
 def _validate_per_stage(kwargs: dict[str, Any], stages: int) -> None:
     """Per-stage lists have one entry per stage; dilations are integers >= 1; layer choices exist."""
-    for key in ("window_size", "kernel_size"):
-        value = kwargs.get(key)
-        if isinstance(value, (list, tuple)) and len(value) != stages:
-            raise ConfigError(f"model.{key}={list(value)} must be an integer or one per stage ({stages})")
+    value = kwargs.get("kernel_size")
+    if isinstance(value, (list, tuple)) and len(value) != stages:
+        raise ConfigError(f"model.kernel_size={list(value)} must be an integer or one per stage ({stages})")
     dilations = kwargs.get("dilations")
     if dilations is not None:
         ok = isinstance(dilations, (list, tuple)) and len(dilations) == stages and all(
@@ -151,9 +151,28 @@ def _validate_per_stage(kwargs: dict[str, Any], stages: int) -> None:
         raise ConfigError(f"model.mlp_ratio={ratio} must be a number > 0")
 
 
+def _validate_windows(kwargs: dict[str, Any], stages: int) -> None:
+    """``model.window_size`` per :func:`stage_windows`; non-square only for kinds that take it; padding."""
+    windows = stage_windows(kwargs.get("window_size", 7), stages)
+    rect = [w for w in windows if not isinstance(w, int)]
+    square_only = [k for k in dict.fromkeys(kwargs["block_pattern"])
+                   if not getattr(attention_class(k), "non_square_window", False)]
+    if rect and square_only:
+        raise ConfigError(
+            f"model.window_size={kwargs['window_size']}: non-square windows {rect} need window kinds, but "
+            f"{square_only} in model.block_pattern read window_size as a square size; use an integer per stage"
+        )
+    padding = kwargs.get("window_padding", "mask")
+    if padding not in PADDINGS:
+        raise ConfigError(
+            f"model.window_padding={padding!r}: choose 'mask' (padded keys never attended) or 'timm' "
+            "(timm's Swin: roll, zero-pad, attend the pads)"
+        )
+
+
 def validate(kwargs: dict[str, Any]) -> None:
     """Raise :class:`ConfigError` naming the key for any inconsistent model setting."""
-    for key in ("embed_dim", "window_size", "kernel_size", "patch_size"):
+    for key in ("embed_dim", "kernel_size", "patch_size"):
         if key in kwargs:
             _positive(kwargs, key)
     depths, heads = list(kwargs["depths"]), list(kwargs["num_heads"])
@@ -173,6 +192,7 @@ def validate(kwargs: dict[str, Any]) -> None:
     unknown = [k for k in kwargs["block_pattern"] if k not in attention_kinds()]
     if unknown:
         raise ConfigError(f"model.block_pattern has unknown attention kinds {unknown}; registered: {attention_kinds()}")
+    _validate_windows(kwargs, len(depths))
     _validate_beyond_local(kwargs)
 
 
