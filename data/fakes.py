@@ -96,6 +96,57 @@ def make_imagefolder(
     return root
 
 
+def make_photo_crops(root: PathLike, train: int = 1000, val: int = 200, seed: int = 0) -> Path:
+    """An image folder of real-photo crops as users' folders hold them: class ``k`` crops photo
+    ``k`` of :data:`data.photos.PHOTOS` (10 classes), at random places, sizes (24-480 px, some
+    smaller than any crop) and aspects, some grayscale, as JPEG (quality 60-95) or PNG."""
+    from .photos import PHOTOS
+    from .photos import photo as named_photo
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for split, count in (("train", train), ("val", val)):
+        for i in range(count):
+            label = i % len(PHOTOS)
+            img = named_photo(PHOTOS[label])
+            W, H = img.size
+            side = int(rng.uniform(0.05, 0.9) * min(W, H))
+            w = max(2, min(W, int(side * rng.uniform(0.6, 1.6))))
+            x, y = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - side + 1))
+            crop = img.crop((x, y, x + w, y + side))
+            crop = crop.resize((max(2, int(w * rng.uniform(0.1, 1.0))), max(2, int(side * rng.uniform(0.1, 1.0)))))
+            if rng.random() < 0.15:
+                crop = crop.convert("L")
+            ext = ".png" if rng.random() < 0.2 else ".jpg"
+            save(crop, root / split / PHOTOS[label] / f"{i:05d}{ext}", quality=int(rng.integers(60, 96)))
+    return root
+
+
+def make_digits(root: PathLike, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes; UCI) as an image folder:
+    ``root/{train,val}/<digit>/<i>.png``, 8-bit grayscale at the native 8x8, a stratified split.
+
+    A small real dataset nobody here made, for checking recipes on small data::
+
+        python -c "from data.fakes import make_digits; make_digits('/tmp/digits')"
+        python train.py data=imagefolder data.root=/tmp/digits data.image_size=64 model.size=pico
+    """
+    from sklearn.datasets import load_digits  # ships with scikit-learn: no download
+
+    digits = load_digits()
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for label in range(10):
+        index = np.flatnonzero(digits.target == label)
+        rng.shuffle(index)
+        cut = int(round(len(index) * val_fraction))
+        for split, part in (("val", index[:cut]), ("train", index[cut:])):
+            for i in part:
+                pixels = np.rint(digits.images[i] * (255 / 16)).astype(np.uint8)
+                save(Image.fromarray(pixels, "L"), root / split / str(label) / f"{i:04d}.png")
+    return root
+
+
 def make_fastai(
     root: PathLike, folder: str = "imagenette2-320", classes: int = 3, train: int = 3, val: int = 2, size=(96, 72)
 ) -> Path:
