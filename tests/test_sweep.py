@@ -1,8 +1,12 @@
-"""Hydra multirun: one W&B run per job in a shared group, named by its overrides; review command."""
+"""Hydra multirun: one W&B run per job in a shared group, named by its overrides; review command;
+Optuna sweeps kept in sqlite storage and continued by a second launch."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+
+import optuna
 
 from conftest import ROOT
 from test_train import TINY, inspect_wandb, wandb_records
@@ -52,3 +56,34 @@ def test_multirun_jobs_are_separate_finished_runs_in_one_group_and_review_reads_
     assert accs == sorted(accs, reverse=True)
     png = sweep_dir / "review.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+
+
+# One optuna trial in about a second: 1 train + 1 val batch of 8 px-32 images, nothing written
+# but the results (no logger, checkpoints, images or test).
+OPTUNA_TINY = ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer=debug", "data.image_size=32",
+               "data.batch_size=8", "data.train_size=16", "data.val_size=8", "data.test_size=8",
+               "model.embed_dim=16", "logger=none", "test_after_fit=false", "callbacks.images=null",
+               "callbacks.checkpoint=null", "callbacks.fault_tolerance=null", "trainer.limit_train_batches=1",
+               "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false"]
+
+
+def test_optuna_sweep_keeps_its_study_in_sqlite_and_a_second_launch_continues_it(train_runner, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    launches = [[], ["hydra.sweeper.sampler.seed=1"]]  # a continuing launch samples with its own seed
+    for n, extra in enumerate(launches, start=1):
+        sweep_dir = tmp_path / f"launch{n}"
+        proc = train_runner("-m", *OPTUNA_TINY, f"hydra.sweeper.storage={storage}", f"hydra.sweep.dir={sweep_dir}",
+                            *extra)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        study = optuna.load_study(study_name="swin-pico", storage=storage)  # ${model.variant}-${model.size}
+        trials = study.get_trials(deepcopy=False)
+        assert len(trials) == 2 * n, [t.number for t in trials]
+        assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+        # This launch's trials are its jobs: the value told to optuna is the job's monitored val/acc1.
+        for job, trial in enumerate(trials[-2:]):
+            results = json.loads((sweep_dir / str(job) / "results.json").read_text())
+            assert trial.value == results["best_val_acc1"] and 0.0 <= trial.value <= 1.0
+            assert f"optim.lr={trial.params['optim.lr']}" in results["overrides"]
+    points = {tuple(sorted(t.params.items())) for t in trials}
+    assert len(points) == 4  # the second launch explored new points
+    assert (tmp_path / "launch2" / "optimization_results.yaml").exists()
