@@ -1,10 +1,12 @@
 """LightningDataModules."""
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Optional
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from vision_attn.errors import ConfigError
@@ -19,6 +21,15 @@ def check_positive(**values: int) -> None:
     for key, value in values.items():
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"data.{key}={value!r} must be a positive integer")
+
+
+def usable_workers(requested: int) -> int:
+    """``data.num_workers``, capped at the CPUs this process may use (said once in the log)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if requested > available:
+        rank_zero_info(f"data.num_workers={requested}: this process may use {available} CPUs, so {available} loader workers")
+        return available
+    return requested
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -41,7 +52,7 @@ class BaseDataModule(L.LightningDataModule):
         check_positive(image_size=image_size, batch_size=batch_size)
         if num_workers < 0:
             raise ConfigError(f"data.num_workers={num_workers} must be >= 0")
-        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, usable_workers(num_workers)
         self.augment_values = dict(augment or {})  # as given: recipe=auto is resolved against them later
         self.augment = AugmentConfig.from_mapping(self.augment_values)
         self._batch_augment: Optional[BatchAugment] = None

@@ -215,3 +215,15 @@ def test_imagenet_uses_timm_class_order_and_rejects_other_folder_names(tmp_path)
     make_class_tree(tmp_path / "in1k" / "val", ["cats"], 1)
     with pytest.raises(ConfigError, match=r"\['cats'\] are not ImageNet-1k wnids"):
         ImageNetDataModule(str(tmp_path / "in1k"), **KW).setup()
+
+
+def test_num_workers_is_capped_at_the_cpus_this_process_may_use(monkeypatch, caplog):
+    import os
+
+    from data.datamodule import usable_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    with caplog.at_level(logging.INFO):
+        assert usable_workers(8) == 2
+    assert "data.num_workers=8: this process may use 2 CPUs, so 2 loader workers" in caplog.text
+    assert usable_workers(2) == 2 and usable_workers(0) == 0

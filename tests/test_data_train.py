@@ -74,3 +74,29 @@ def test_train_py_corrupt_image_without_skip_names_the_file_in_one_line(train_ru
     assert len(lines) == 1 and "cannot decode image" in lines[0] and "data.skip_corrupt=true" in lines[0]
     assert str(tree / "val" / "cat" / "cat_1.jpg") in lines[0] or str(tree / "train" / "bird" / "bird_3.jpg") in lines[0]
     assert "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_a_full_epoch_of_the_imagenet_recipe_on_1000_real_photo_crops_with_workers(train_runner, tmp_path):
+    """RandAugment m9 (about 1 image in 45 draws a magnitude >= 10), Mixup/CutMix and random erasing
+    on real-photo crops of every size (many smaller than the crop), mode and format, 2 workers."""
+    import json
+
+    from data.fakes import make_photo_crops
+
+    root = make_photo_crops(tmp_path / "crops", train=1024, val=200)
+    run_dir = tmp_path / "run"
+    proc = train_runner(
+        "data=imagefolder", f"data.root={root}", "augment=imagenet", "data.image_size=64", "data.batch_size=32",
+        "data.num_workers=2", "model.size=pico", "trainer.max_epochs=1", "trainer.log_every_n_steps=1", "logger=csv",
+        "test_after_fit=false",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "recipe=auto" not in proc.stderr + proc.stdout  # the recipe asked for, not a size-based choice
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["epochs"] == 1 and 0.0 <= results["best_val_acc1"] <= 1.0
+    rows = list(csv.DictReader(open(next(run_dir.rglob("metrics.csv")))))
+    steps = {int(r["step"]) for r in rows if r.get("train/loss_step")}
+    assert max(steps) == 1024 // 32 - 1  # every batch of the epoch trained
+    assert all(0 < v < 10 for v in column(rows, "train/loss_step"))
