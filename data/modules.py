@@ -19,8 +19,9 @@ code, only ``conf/data/mydata.yaml``::
     mean: [0.5, 0.5, 0.5]     # optional: per-dataset normalisation
     std: [0.25, 0.25, 0.25]
 
-then ``python train.py data=mydata``. ``num_classes`` is counted from the class folders
-(``${va.class_folders:${data.root}}``). A dataset in another on-disk format needs a subclass
+then ``python train.py data=mydata``. ``num_classes: null`` (inherited) is counted from the class
+folders in ``setup()``; the augmentation recipe (``recipe: auto``) is chosen there too, from the
+training images per class (:func:`data.augment.auto_recipe`). A dataset in another on-disk format needs a subclass
 of :class:`ImageDataModule` implementing ``check_exists`` and ``build`` (and ``download_data``
 if it can be downloaded), and a YAML whose ``_target_`` names it.
 """
