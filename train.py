@@ -73,12 +73,16 @@ def dataset_num_classes(cfg: DictConfig, datamodule: Any) -> int:
     return int(num_classes)
 
 
-def logged_config(cfg: DictConfig, num_classes: int) -> dict[str, Any]:
-    """The resolved config for the loggers, with the class count the DataModule found."""
+def logged_config(cfg: DictConfig, datamodule: Any, num_classes: int) -> dict[str, Any]:
+    """The resolved config for the loggers, with the class count the DataModule found and, where
+    a recipe filled ``data.augment`` (``augment=``, ``recipe: auto``), every value it chose."""
     config = OmegaConf.to_container(cfg, resolve=True)
     for key in ("data", "module"):
         if isinstance(config.get(key), dict):
             config[key]["num_classes"] = num_classes
+    augment = getattr(datamodule, "augment", None)
+    if getattr(augment, "recipe", None) is not None and isinstance(config.get("data"), dict):
+        config["data"]["augment"] = augment.as_dict()
     return config
 
 
@@ -166,7 +170,7 @@ def train(cfg: DictConfig) -> Optional[float]:
             if isinstance(logger, WandbLogger) and logger.version:
                 write_run_id(run_dir, logger.version)
     for logger in loggers:  # rank-zero only
-        logger.log_hyperparams(logged_config(cfg, num_classes))
+        logger.log_hyperparams(logged_config(cfg, datamodule, num_classes))
     if resuming:
         log.info(f"resuming from {ckpt_path}" + (f" (W&B run {wandb_id})" if wandb_id else ""))
 

@@ -97,6 +97,9 @@ def test_image_folder_class_count_reaches_the_model_the_logged_config_and_result
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     hparams = yaml.safe_load(open(run_dir / "csv" / "hparams.yaml"))
     assert hparams["data"]["num_classes"] == 4 and hparams["module"]["num_classes"] == 4
+    augment = hparams["data"]["augment"]  # recipe=auto resolved: what was used, not "auto"
+    assert augment["recipe"] == "light" and augment["mixup"] == 0.0 and list(augment["scale"]) == [0.6, 1.0]
+    assert "recipe 'light' chosen by recipe=auto: 8 training images in 4 classes" in proc.stdout + proc.stderr
     assert json.loads((run_dir / "results.json").read_text())["num_classes"] == 4
     ckpt = next((run_dir / "checkpoints").glob("epoch*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
