@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.datamodule import ShapesDataModule
+from fault_helpers import Crash, CrashAtStep
 from vision_attn.callbacks import EMA, ema
 from vision_attn.errors import ConfigError
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance
@@ -52,26 +53,15 @@ def fit(tmp_path, decay=DECAY, max_epochs=2, crash_at=None, resume=False):
     callbacks = [ema(decay), probe, ModelCheckpoint(dirpath=ckpt_dir, filename="e{epoch}", auto_insert_metric_name=False, save_top_k=-1),
                  FaultTolerance(str(ckpt_dir), every_n_train_steps=3)]
     if crash_at:
-        callbacks.append(CrashAt(crash_at))
+        callbacks.append(CrashAtStep(crash_at))
     trainer = L.Trainer(max_epochs=max_epochs, deterministic=True, logger=False, callbacks=callbacks,
                         plugins=[AtomicCheckpointIO()], enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=tmp_path)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
-    except RuntimeError as e:
-        if "crash at" not in str(e):
-            raise
+    except Crash:
         return None
     return module, trainer, probe, dm
-
-
-class CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError(f"crash at {self.step}")
 
 
 def hand_ema(raw: list[torch.Tensor], decay: float) -> list[torch.Tensor]:

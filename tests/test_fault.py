@@ -18,6 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
+from fault_helpers import Crash, CrashAtStep
 from data.datamodule import ShapesDataModule
 from data.resumable import ResumableDataLoader, ResumableSampler, resumable_train_loader
 from test_train import TINY
@@ -89,19 +90,6 @@ def test_checkpoints_load_weights_only_and_hold_scheduler_loader_and_rng_state(t
     assert set(ckpt["callbacks"]["FaultTolerance"]["rng"]) >= {"torch", "numpy", "python"}
 
 
-class _Crash(Exception):
-    pass
-
-
-class _CrashAtStep(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash(f"step {self.step}")
-
-
 def _fit(tmp_path, crash_at=None, resume=False, every_n=None):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -112,11 +100,11 @@ def _fit(tmp_path, crash_at=None, resume=False, every_n=None):
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, monitor="val/acc1", mode="max", save_top_k=1),
                  FaultTolerance(str(ckpt_dir), every_n_train_steps=every_n)]
     trainer = L.Trainer(max_epochs=2, deterministic=True, logger=False, plugins=[AtomicCheckpointIO()],
-                        callbacks=callbacks + ([_CrashAtStep(crash_at)] if crash_at else []),
+                        callbacks=callbacks + ([CrashAtStep(crash_at)] if crash_at else []),
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
-    except _Crash:
+    except Crash:
         return None
     return module, trainer
 
