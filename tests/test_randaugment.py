@@ -117,9 +117,12 @@ def test_augmentation_failure_names_op_magnitude_and_file_and_is_never_skipped(t
                                augment=dict(recipe="imagenet"))
     dm.setup()
     _break(dm.train_transform, "SharpnessIncreasing")
-    loader = torch.utils.data.DataLoader(dm.splits["train"], batch_size=2, num_workers=workers)
-    with pytest.raises(AugmentationError) as info:
-        next(iter(loader))
+    batches = iter(torch.utils.data.DataLoader(dm.splits["train"], batch_size=2, num_workers=workers))
+    try:
+        with pytest.raises(AugmentationError) as info:
+            next(batches)
+    finally:  # the traceback keeps the iterator alive: stop its worker now, not at some later GC
+        getattr(batches, "_shutdown_workers", lambda: None)()
     message = str(info.value)
     first = root / "train" / "apple" / "apple_0.jpg"
     assert "SharpnessIncreasing" in message and "magnitude 7" in message and str(first) in message, message
