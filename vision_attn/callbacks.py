@@ -72,10 +72,12 @@ def progress_bar(every_n_steps: int = 50) -> ProgressBar:
 
 
 class Throughput(L.Callback):
-    """Training images/s, data loading included: ``train/images_per_sec`` (running epoch mean).
+    """Training images/s of the whole job, data loading included (running epoch mean).
 
-    Lightning's ThroughputMonitor logs to the loggers only; this value also reaches
-    ``callback_metrics``, so ``results.json`` and sweepers can read it.
+    ``train/images_per_sec``: all devices together (under DDP the ranks' image counts are summed,
+    at the logging steps only); ``train/images_per_sec_per_device``: that over the world size.
+    Lightning's ThroughputMonitor logs to the loggers only; these also reach ``callback_metrics``,
+    so ``results.json`` and sweepers can read them.
     """
 
     def __init__(self, log_every_n_steps: int = 10) -> None:
@@ -93,14 +95,23 @@ class Throughput(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._images += batch[0].shape[0]
         if batch_idx and batch_idx % self.log_every_n_steps == 0:
-            pl_module.log("train/images_per_sec", self.rate(), on_step=True, on_epoch=False)
+            self._log(trainer, pl_module, on_step=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._images:
-            pl_module.log("train/images_per_sec", self.rate(), on_step=False, on_epoch=True)
+            self._log(trainer, pl_module, on_step=False)
 
-    def rate(self) -> float:
-        return self._images / max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
+        rate = self.rate(trainer)
+        for key, value in (("train/images_per_sec", rate), ("train/images_per_sec_per_device", rate / trainer.world_size)):
+            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step)
+
+    def rate(self, trainer: Optional[L.Trainer] = None) -> float:
+        """Images/s since the epoch's first batch: this process's, or every rank's summed (``trainer``)."""
+        images = float(self._images)
+        if trainer is not None and trainer.world_size > 1:  # every rank reaches the same logging steps
+            images = float(trainer.strategy.reduce(torch.tensor(images, device=trainer.strategy.root_device), reduce_op="sum"))
+        return images / max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
 
 
 class PeakMemory(L.Callback):

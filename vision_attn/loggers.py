@@ -1,13 +1,20 @@
 """Experiment loggers. W&B goes offline unless the user is logged in, and never prompts."""
 from __future__ import annotations
 
+import logging
 import netrc
 import os
+import socket
 import sys
 from typing import Any, Optional, Sequence
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from .files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 
 def wandb_logged_in() -> bool:
@@ -21,9 +28,56 @@ def wandb_logged_in() -> bool:
         return False
 
 
+def wandb_host() -> str:
+    """The W&B server's host name (``WANDB_BASE_URL``, else the public server)."""
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+
+
+def wandb_reachable(timeout: float = 5.0) -> Optional[str]:
+    """None when the W&B server accepts a TCP connection within ``timeout`` s, else why not."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((wandb_host(), port), timeout=timeout).close()
+    except OSError as e:
+        return f"{wandb_host()}:{port} unreachable ({type(e).__name__}: {e})"
+    return None
+
+
 def wandb_mode() -> str:
-    """``WANDB_MODE`` if set, else ``online`` when logged in, else ``offline``."""
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+    """``WANDB_MODE`` if set; else ``online`` when logged in and the server answers; else ``offline``.
+
+    A compute node is often logged in (a shared ``~/.netrc``) but has no route out: there
+    ``wandb.init`` would wait 60 s and crash the run, so such a run logs offline, saying why once.
+    """
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if not wandb_logged_in():
+        return "offline"
+    problem = wandb_reachable()
+    if problem is not None:
+        log.warning(f"W&B: logged in, but {problem}: logging offline in the run directory; "
+                    "sync later with: wandb sync <run dir>/wandb/offline-run-*")
+        return "offline"
+    return "online"
+
+
+class FallbackWandbLogger(WandbLogger):
+    """A WandbLogger that, when an online ``wandb.init`` fails (server down, proxy, timeout),
+    logs offline in the same directory instead of crashing the run, with one warning."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        try:
+            return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
+        except Exception as e:
+            if self._wandb_init.get("mode") != "online" or self._experiment is not None:
+                raise
+            log.warning(f"W&B: online start failed ({type(e).__name__}: {e}): logging offline in the run "
+                        "directory; sync later with: wandb sync <run dir>/wandb/offline-run-*")
+            self._wandb_init["mode"] = "offline"
+            return WandbLogger.experiment.fget(self)  # type: ignore[attr-defined]
 
 
 def hydra_sweep() -> Optional[tuple[str, str]]:
@@ -78,12 +132,8 @@ def read_run_id(*run_dirs: str) -> Optional[str]:
 
 
 def write_run_id(run_dir: str, run_id: str) -> None:
-    """Persist the W&B run id in the run directory, so a resumed run logs to the same W&B run."""
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, f".{RUN_ID_FILE}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(run_id + "\n")
-    os.replace(tmp, os.path.join(run_dir, RUN_ID_FILE))
+    """Persist the W&B run id in the run directory (atomically), so a resumed run logs to the same W&B run."""
+    atomic_write_text(os.path.join(run_dir, RUN_ID_FILE), run_id + "\n")
 
 
 def wandb_logger(
@@ -98,7 +148,8 @@ def wandb_logger(
     resume: Optional[str] = None,
     **kwargs: Any,
 ) -> WandbLogger:
-    """A WandbLogger whose run files live in ``save_dir`` (the Hydra run directory).
+    """A WandbLogger whose run files live in ``save_dir`` (the Hydra run directory), online when
+    logged in and the server answers, else offline (:func:`wandb_mode`, :class:`FallbackWandbLogger`).
 
     In a Hydra multirun every job shares one group named after the sweep directory, and is
     named after its overrides (``model=swin_local,seed=1``), unless group/name are given.
@@ -117,7 +168,7 @@ def wandb_logger(
     os.makedirs(save_dir, exist_ok=True)
     mode = wandb_mode()
     settings = wandb.Settings(init_timeout=60, silent=mode != "online")
-    return WandbLogger(
+    return FallbackWandbLogger(
         save_dir=save_dir,
         project=project,
         name=name,

@@ -1,0 +1,58 @@
+"""Files written atomically: a reader, or a crash, sees the old content or the new, never a part.
+
+Checkpoints (:func:`vision_attn.fault.atomic_torch_save`), ``results.json`` (what sweepers and
+the review read) and the W&B run-id file all go through :func:`atomic_write`.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from contextlib import suppress
+from typing import IO, Any, Callable
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename in ``path`` durable (a no-op where directories cannot be opened)."""
+    with suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(f)`` into ``.<name>.<pid>.tmp`` beside ``path``, fsync, ``os.replace`` it over ``path``.
+
+    Temporary files left by a process killed while writing are removed first.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        with suppress(OSError):
+            os.remove(stale)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """:func:`atomic_write` of ``text`` (UTF-8)."""
+    data = text.encode()
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON, serialised before anything is written."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
