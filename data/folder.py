@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from vision_attn.errors import ConfigError
 
-from .decode import IMG_EXTENSIONS, CorruptImageError, is_image_file
+from .decode import IMG_EXTENSIONS, BadImageError, CorruptImageError, is_image_file
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +129,15 @@ class ImageFileDataset(Dataset):
 
 
 class SkipCorrupt(Dataset):
-    """Wraps a dataset whose loader raises :class:`CorruptImageError`; yields
-    ``(image, target, skipped)``.
+    """Wraps a dataset whose loader raises :class:`~data.decode.BadImageError` (a corrupt or a
+    too-large image); yields ``(image, target, skipped)``.
 
     With ``skip=False`` the error (naming the file) propagates. With ``skip=True`` the next
-    index is substituted (up to ``max_tries`` in a row) and ``skipped`` says how many files were
-    passed over for this sample. The count travels inside the batch, so it is exact with any
-    number of DataLoader workers; the DataModule strips and sums it before the transfer.
+    index is substituted (up to ``max_tries`` in a row), the file is logged with what is wrong
+    with it ("corrupt", "too large"), and ``skipped`` says how many files were passed over for
+    this sample. The count travels inside the batch, so it is exact with any number of
+    DataLoader workers; the DataModule strips and sums it before the transfer. Read errors of
+    the storage and permission errors are never skipped.
     """
 
     def __init__(self, dataset: Dataset, skip: bool = False, max_tries: int = 32) -> None:
@@ -150,11 +152,11 @@ class SkipCorrupt(Dataset):
             try:
                 image, target = self.dataset[(index + attempt) % len(self)]
                 return image, target, skipped
-            except CorruptImageError as e:
+            except BadImageError as e:
                 if not self.skip:
                     raise
                 skipped += 1
-                log.warning(f"skipped unreadable image {e.path} ({e.reason}) [data.skip_corrupt=true]")
+                log.warning(f"skipped {e.kind} image {e.path} ({e.reason}) [data.skip_corrupt=true]")
         raise CorruptImageError(
             f"{skipped} unreadable images in a row from index {index} of {len(self)}: "
             "the dataset is badly damaged; check the files named in the warnings above"

@@ -43,7 +43,7 @@ from vision_attn.errors import ConfigError
 
 from .augment import AugmentConfig, auto_recipe
 from .datamodule import BaseDataModule, check_positive
-from .decode import ImageLoader
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from .download import fetch_archive
 from .folder import FolderSplit, ImageFileDataset, SkipCorrupt, check_splits, scan_split
 from .transforms import DeferredTransform, eval_resize_size, eval_transform, train_transform
@@ -79,6 +79,7 @@ class ImageDataModule(BaseDataModule):
         train_resize: Optional[int] = None,
         interpolation: str = "bicubic",
         skip_corrupt: bool = False,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
         augment: Optional[Mapping[str, Any]] = None,
         mean: Optional[Sequence[float]] = None,
         std: Optional[Sequence[float]] = None,
@@ -93,6 +94,9 @@ class ImageDataModule(BaseDataModule):
         self.eval_resize = eval_resize_size(image_size, self.crop_pct)
         self.train_resize = self.eval_resize if train_resize is None else train_resize
         check_positive(train_resize=self.train_resize)
+        if max_image_pixels is not None:
+            check_positive(max_image_pixels=max_image_pixels)
+        self.max_image_pixels = max_image_pixels
         self.mean = _three(mean if mean is not None else self.default_mean, "mean")
         self.std = _three(std if std is not None else self.default_std, "std")
         if num_classes is not None:
@@ -131,7 +135,7 @@ class ImageDataModule(BaseDataModule):
                 source = self.sources[split]
                 if source not in built:
                     train = source == self.sources["train"]
-                    loader = ImageLoader(self.train_resize if train else self.eval_resize)
+                    loader = ImageLoader(self.train_resize if train else self.eval_resize, self.max_image_pixels)
                     built[source] = self.build(source, loader, self.train_transform if train else self.eval_transform)
                     wrapped[source] = SkipCorrupt(built[source][0], self.skip_corrupt)
                 self.splits[split] = wrapped[source]
