@@ -44,6 +44,9 @@ class BaseDataModule(L.LightningDataModule):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     num_classes: int
+    # Training sample (epoch, i) is drawn with the global RNGs seeded from (seed, epoch, i)
+    # (data.resumable.SeededSamples); False for datasets that draw no global randomness.
+    seed_samples: bool = True
 
     def __init__(
         self, image_size: int, batch_size: int, num_workers: int = 0, augment: Optional[Mapping[str, Any]] = None
@@ -99,9 +102,9 @@ class BaseDataModule(L.LightningDataModule):
         return images, targets
 
     def train_dataloader(self) -> DataLoader:
-        # Seeded, rank-aware and stateful: a run resumed mid-epoch continues at the next batch
-        # (data/resumable.py).
-        return resumable_train_loader(self._loader("train", shuffle=True), self.trainer)
+        # Seeded, rank-aware and stateful: a run resumed mid-epoch continues at the next batch,
+        # with the same per-sample augmentation, with any number of workers (data/resumable.py).
+        return resumable_train_loader(self._loader("train", shuffle=True), self.trainer, self.seed_samples)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
@@ -115,6 +118,7 @@ class ShapesDataModule(BaseDataModule):
 
     name = "shapes"
     dataset = shapes.ShapesDataset
+    seed_samples = False  # an image is a pure function of (seed, split, index), with no augmentation
     classes = shapes.CLASSES
     mean, std = shapes.MEAN, shapes.STD
 

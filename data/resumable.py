@@ -20,36 +20,97 @@ leaves it in place under DDP instead of injecting its own, and calls ``set_epoch
 The loader also owns a ``torch.Generator`` reseeded every epoch, so creating its iterator never
 draws from the global RNG (worker seeds are then a function of ``seed`` and the epoch).
 
-Exactness: identical order and batches after a resume with the same world size and batch size.
-Per-sample random augmentation in loader workers restarts its worker RNG streams at the resume
-point, so augmented pixels (not the image order) differ from an uninterrupted run after it.
+Per-sample augmentation (random-resized-crop, flip, RandAugment: python ``random``, numpy and
+torch's CPU generator) is made a function of ``(seed, epoch, index)``: the sampler yields
+``(epoch, index)`` pairs (built in the main process, so persistent workers see every epoch) and
+:class:`SeededSamples` seeds those three generators from them before it calls the dataset. A
+sample's pixels then do not depend on which worker made it, how many workers there are, or where
+a run was resumed; in the main process (``num_workers=0``) the generators' states are put back
+afterwards, so loading never moves the training RNGs (drop path, random erasing, Mixup/CutMix).
+
+Exactness: after a resume with the same world size and batch size, the same order, batches and
+augmented pixels as an uninterrupted run, with any number of loader workers.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Optional
+import random
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Union
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+
+EpochIndex = tuple[int, int]
+
+
+def seed_sample(seed: int, epoch: int, index: int) -> None:
+    """Seed python ``random``, ``numpy.random`` and torch's CPU generator from ``(seed, epoch, index)``
+    (not CUDA's: workers have none, and the main process's belongs to training)."""
+    state = np.random.SeedSequence([seed % 2**32, epoch, index]).generate_state(4)
+    random.seed(int.from_bytes(state.tobytes(), "little"))
+    np.random.seed(state)
+    torch.default_generator.manual_seed(int(state[0]) | int(state[1]) << 31)
+
+
+@contextmanager
+def global_rngs_kept() -> Iterator[None]:
+    """Put python's, numpy's and torch's CPU generator states back on exit."""
+    states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.default_generator.set_state(states[2])
+
+
+class SeededSamples(Dataset):
+    """A training dataset whose item ``(epoch, index)`` is ``dataset[index]`` drawn with the global
+    generators seeded by :func:`seed_sample`: the same pixels in any worker, any order, after any
+    resume. A plain ``index`` is passed through unseeded (inspection by hand). Substitutes for
+    skipped corrupt files (``data.folder.SkipCorrupt``) come from the same seeded stream."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Union[EpochIndex, int]) -> Any:
+        if not isinstance(item, tuple):
+            return self.dataset[item]
+        epoch, index = item
+        if get_worker_info() is not None:  # a worker: its generators serve only samples
+            seed_sample(self.seed, epoch, index)
+            return self.dataset[index]
+        with global_rngs_kept():  # the main process: training draws from them too
+            seed_sample(self.seed, epoch, index)
+            return self.dataset[index]
 
 
 class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (shuffled with ``seed + epoch``) that can start an epoch at a position."""
+    """``DistributedSampler`` (shuffled with ``seed + epoch``) that can start an epoch at a position.
+    With ``with_epoch`` it yields ``(epoch, index)`` pairs, for :class:`SeededSamples`."""
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, with_epoch: bool = False) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self._skip = 0
+        self.with_epoch = with_epoch
 
     def skip_next(self, samples: int) -> None:
         """The next ``__iter__`` starts ``samples`` positions into this rank's order of the epoch."""
         self._skip = max(int(samples), 0)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Union[int, EpochIndex]]:
         indices = list(super().__iter__())
         skip, self._skip = self._skip, 0
+        if self.with_epoch:
+            return iter([(self.epoch, index) for index in indices[skip:]])
         return iter(indices[skip:])
 
 
@@ -120,19 +181,23 @@ class ResumableDataLoader(DataLoader):
         self._resume_batches = batches
 
 
-def resumable_train_loader(loader: DataLoader, trainer: Optional[Any] = None) -> ResumableDataLoader:
+def resumable_train_loader(loader: DataLoader, trainer: Optional[Any] = None,
+                           seed_samples: bool = True) -> ResumableDataLoader:
     """The same loader settings as ``loader`` (a shuffled training DataLoader) over a
-    :class:`ResumableSampler` for this process's rank in ``trainer``'s world."""
+    :class:`ResumableSampler` for this process's rank in ``trainer``'s world. ``seed_samples``:
+    wrap the dataset in :class:`SeededSamples` (off for datasets that draw no global randomness)."""
     world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
     rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-    sampler = ResumableSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    dataset = SeededSamples(loader.dataset, seed) if seed_samples else loader.dataset
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                               with_epoch=seed_samples)
     extra: dict[str, Any] = {}
     if loader.num_workers > 0:
         extra.update(prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
                      multiprocessing_context=loader.multiprocessing_context)
     return ResumableDataLoader(
-        loader.dataset,
+        dataset,
         batch_size=loader.batch_size,
         sampler=sampler,
         num_workers=loader.num_workers,
