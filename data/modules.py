@@ -44,7 +44,7 @@ from vision_attn.errors import ConfigError
 from .augment import AugmentConfig, auto_recipe
 from .datamodule import BaseDataModule, check_positive
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
-from .download import fetch_archive
+from .download import Archive, fetch_archive, fetch_file, unfinished
 from .folder import FolderSplit, ImageFileDataset, SkipCorrupt, check_splits, scan_split
 from .transforms import DeferredTransform, eval_resize_size, eval_transform, train_transform
 
@@ -207,6 +207,24 @@ class ImageDataModule(BaseDataModule):
     def _missing(self, path: Path, how: str) -> ConfigError:
         return ConfigError(f"data.root={self.root}: {path} not found; {how}")
 
+    def _check_finished(self, where: Path) -> None:
+        """A ConfigError if an extraction into ``where`` was interrupted (its tree is partial)."""
+        for record in unfinished(where):
+            raise ConfigError(
+                f"data.root={self.root}: {record} records an interrupted extraction (partial tree); "
+                "set data.download=true to remove it and extract again"
+            )
+
+
+def _checksum(value: Optional[str], key: str, length: int) -> Optional[str]:
+    """``data.md5`` / ``data.sha256``: None or a hex digest of ``length`` characters (lower-cased)."""
+    if value is None or str(value) == "":
+        return None
+    text = str(value).strip().lower()
+    if len(text) != length or any(c not in "0123456789abcdef" for c in text):
+        raise ConfigError(f"data.{key}={value!r} is not a {key} checksum ({length} hex digits)")
+    return text
+
 
 def _three(values: Sequence[float], key: str) -> tuple[float, float, float]:
     values = tuple(float(v) for v in values)
@@ -359,18 +377,29 @@ class FastAIImagesDataModule(ImageFolderDataModule):
 
     ``size``: ``full``, ``320`` or ``160`` (shorter side of the images). ``download=true``
     fetches ``https://s3.amazonaws.com/fast-ai-imageclas/<folder>.tgz`` (``url`` overrides
-    it: another URL, or a local archive path). Class names from timm's ``ImageNetInfo``.
+    it: an https URL, a file:// URL or a local archive path). ``md5`` / ``sha256``: the archive's
+    checksum (default: the built-in one of the fast.ai archive; a custom ``url`` without one is
+    extracted unverified, with a warning). Class names from timm's ``ImageNetInfo``.
     """
 
     name = ""
-    md5: Mapping[str, str] = {}
+    MD5S: Mapping[str, str] = {}  # size -> md5 of the fast.ai archive
     SIZES = {"full": "", "320": "-320", "160": "-160"}
 
-    def __init__(self, root: Optional[str], size: str = "320", url: Optional[str] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        root: Optional[str],
+        size: str = "320",
+        url: Optional[str] = None,
+        md5: Optional[str] = None,
+        sha256: Optional[str] = None,
+        **kwargs: Any,
+    ) -> None:
         size = str(size).removesuffix("px")
         if size not in self.SIZES:
             raise ConfigError(f"data.size={size!r} must be one of {', '.join(self.SIZES)}")
         self.size, self.url = size, url
+        self.md5, self.sha256 = _checksum(md5, "md5", 32), _checksum(sha256, "sha256", 64)
         super().__init__(root, **kwargs)
 
     @property
@@ -383,14 +412,21 @@ class FastAIImagesDataModule(ImageFolderDataModule):
 
     def check_exists(self) -> None:
         how = f"set data.download=true to fetch {self.url or self.default_url} (or extract it into data.root yourself)"
+        self._check_finished(self.root)
         for sub in ("train", "val"):
             if not (self.folder / sub).is_dir():
                 raise self._missing(self.folder / sub, how)
 
+    @property
+    def archive(self) -> Archive:
+        """What ``download=true`` fetches: ``url`` or the fast.ai archive, with its checksum."""
+        if self.url:
+            return Archive(str(self.url), md5=self.md5, sha256=self.sha256)
+        md5 = self.md5 or (None if self.sha256 else self.MD5S.get(self.size))
+        return Archive(self.default_url, md5=md5, sha256=self.sha256)
+
     def download_data(self) -> None:
-        if (self.folder / "train").is_dir():
-            return
-        fetch_archive(self.url or self.default_url, self.root, None if self.url else self.md5.get(self.size))
+        fetch_archive(self.archive, self.root)
 
     def class_names(self, folders: list[str]) -> list[str]:
         info = ImageNetInfo()
@@ -401,13 +437,21 @@ class ImagenetteDataModule(FastAIImagesDataModule):
     """Imagenette v2 (10 easy ImageNet classes), fast.ai's archives and layout."""
 
     name = "imagenette2"
-    md5 = {k.removesuffix("px"): v[1] for k, v in tvd.Imagenette._ARCHIVES.items()}
+    MD5S = {k.removesuffix("px"): v[1] for k, v in tvd.Imagenette._ARCHIVES.items()}
 
 
 class ImagewoofDataModule(FastAIImagesDataModule):
     """Imagewoof v2 (10 dog breeds from ImageNet), fast.ai's archives and layout."""
 
     name = "imagewoof2"
+    # torchvision 0.29 has no Imagewoof class: these md5s come from public code (three independent
+    # repositories agree on full and 320, two on 160; the same sources' Imagenette md5s equal
+    # torchvision's). A mismatch stops the download naming both values; data.md5= overrides them.
+    MD5S = {
+        "full": "9aafe18bcdb1632c4249a76c458465ba",
+        "320": "0f46d997ec2264e97609196c95897a44",
+        "160": "3d200a7be99704a0d7509be2a9fbfe15",
+    }
 
 
 # --- torchvision on-disk formats ----------------------------------------------------------
@@ -425,15 +469,17 @@ class Food101DataModule(ImageDataModule):
     """Food-101 in torchvision's layout: ``<root>/food-101/{images,meta}``; val = test split."""
 
     sources = {"train": "train", "val": "test", "test": "test"}
-    URL = tvd.Food101._URL
+    URL = tvd.Food101._URL.replace("http://", "https://", 1)  # torchvision's is plain http; the host serves https
+    ARCHIVE = Archive(URL, md5=tvd.Food101._MD5)
 
     def check_exists(self) -> None:
+        self._check_finished(self.root)
         for sub in ("images", "meta"):
             if not (self.root / "food-101" / sub).is_dir():
                 raise self._missing(self.root / "food-101" / sub, f"set data.download=true to fetch {self.URL}")
 
     def download_data(self) -> None:
-        tvd.Food101(str(self.root), download=True)
+        fetch_archive(self.ARCHIVE, self.root)
 
     def build(self, source: str, loader: Callable[[Any], Image.Image], transform: Callable) -> Built:
         how = f"delete {self.root / 'food-101'} and set data.download=true"
@@ -450,14 +496,23 @@ class Flowers102DataModule(ImageDataModule):
     def __init__(self, root: Optional[str], num_classes: Optional[int] = 102, **kwargs: Any) -> None:
         super().__init__(root, num_classes=num_classes, **kwargs)
 
+    FILES = {
+        key: Archive(tvd.Flowers102._download_url_prefix + name, md5=md5)
+        for key, (name, md5) in tvd.Flowers102._file_dict.items()
+    }
+
     def check_exists(self) -> None:
         base = self.root / "flowers-102"
+        self._check_finished(base)
         for path in (base / "jpg", base / "imagelabels.mat", base / "setid.mat"):
             if not path.exists():
                 raise self._missing(path, f"set data.download=true to fetch it from {self.URL}")
 
     def download_data(self) -> None:
-        tvd.Flowers102(str(self.root), download=True)
+        base = self.root / "flowers-102"
+        fetch_archive(self.FILES["image"], base)
+        for key in ("label", "setid"):
+            fetch_file(self.FILES[key], base)
 
     def build(self, source: str, loader: Callable[[Any], Image.Image], transform: Callable) -> Built:
         how = f"delete {self.root / 'flowers-102'} and set data.download=true"
@@ -479,14 +534,22 @@ class INat2021DataModule(ImageDataModule):
         return {"train": self.train_version, "val": "2021_valid", "test": "2021_valid"}
 
     def check_exists(self) -> None:
+        self._check_finished(self.root)
         for version in (self.train_version, "2021_valid"):
             path = self.root / version
             if not path.is_dir() or not any(path.iterdir()):
                 raise self._missing(path, f"set data.download=true to fetch {tvd.inaturalist.DATASET_URLS[version]}")
 
+    @staticmethod
+    def archive(version: str) -> Archive:
+        """The archive of ``version`` (e.g. ``2021_valid``: val.tar.gz, whose ``val/`` becomes ``2021_valid/``)."""
+        url = tvd.inaturalist.DATASET_URLS[version]
+        folder = url.rsplit("/", 1)[1].removesuffix(".tar.gz")
+        return Archive(url, md5=tvd.inaturalist.DATASET_MD5[version], filename=f"{version}.tgz", rename=((folder, version),))
+
     def download_data(self) -> None:
         for version in (self.train_version, "2021_valid"):
-            tvd.INaturalist(str(self.root), version=version, download=True)
+            fetch_archive(self.archive(version), self.root)
 
     def build(self, source: str, loader: Callable[[Any], Image.Image], transform: Callable) -> Built:
         how = f"check {self.root / source} (folders <00000>_<kingdom>_..._<genus>_<species>)"
@@ -510,12 +573,14 @@ class CIFAR10DataModule(ImageDataModule):
         super().__init__(root, image_size=image_size, crop_pct=crop_pct, **kwargs)
 
     def check_exists(self) -> None:
+        self._check_finished(self.root)
         path = self.root / self.tv_class.base_folder
         if not path.is_dir():
             raise self._missing(path, f"set data.download=true to fetch {self.tv_class.url}")
 
     def download_data(self) -> None:
-        self.tv_class(str(self.root), train=True, download=True)
+        tv = self.tv_class
+        fetch_archive(Archive(tv.url, md5=tv.tgz_md5, filename=tv.filename), self.root)
 
     def build(self, source: str, loader: Callable[[Any], Image.Image], transform: Callable) -> Built:
         how = f"delete {self.root / self.tv_class.base_folder} and set data.download=true"

@@ -13,7 +13,6 @@ from hydra.utils import instantiate
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import calculate_md5
 
-import data.download
 from conftest import ROOT
 from data.decode import CorruptImageError
 from data.fakes import (
@@ -44,7 +43,7 @@ HINTS = {
     "imagenet": "image-net.org",
     "imagenette": "data.download=true to fetch https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-320.tgz",
     "imagewoof": "data.download=true to fetch https://s3.amazonaws.com/fast-ai-imageclas/imagewoof2-320.tgz",
-    "food101": "data.download=true to fetch http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
+    "food101": "data.download=true to fetch https://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
     "flowers102": "data.download=true",
     "inat2021": "data.download=true to fetch https://ml-inat-competition-datasets.s3.amazonaws.com/2021/train.tar.gz",
     "cifar10": "data.download=true to fetch https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -112,25 +111,6 @@ def archive(tmp_path) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         tar.add(tmp_path / "src" / "imagenette2-320", arcname="imagenette2-320")
     return path
-
-
-def test_download_fetches_the_real_url_and_extracts(tmp_path, archive, monkeypatch):
-    calls = []
-
-    def fake_download(url, download_root, md5=None, remove_finished=False):  # no network: serve the local archive
-        calls.append((url, md5, remove_finished))
-        copy = shutil.copy(archive, Path(download_root) / Path(url).name)
-        tvd.utils.extract_archive(copy, download_root, remove_finished=remove_finished)
-
-    monkeypatch.setattr(data.download, "download_and_extract_archive", fake_download)
-    dm = ImagenetteDataModule(str(tmp_path / "dl"), download=True, num_classes=3, **KW)
-    dm.prepare_data()
-    dm.setup()
-    url, md5 = tvd.Imagenette._ARCHIVES["320px"]
-    assert calls == [(url, md5, True)]
-    assert len(dm.splits["train"]) == 9 and not (tmp_path / "dl" / "imagenette2-320.tgz").exists()
-    dm.prepare_data()  # already there: no second download
-    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("kind", ["file-url", "local-path"])
