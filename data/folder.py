@@ -1,8 +1,11 @@
 """Image folders (``<split>/<class>/**/<image>``): scanning, checks, datasets, corrupt-image policy.
 
-Scanning reports everything it does not load: non-image files and hidden folders are counted
-and named in a warning; empty class folders and class sets that differ between splits raise
-a :class:`~vision_attn.errors.ConfigError` naming the folders, before training starts.
+Scanning reports everything it does not load: non-image files, hidden folders, folder links
+not followed (symlink loops, a folder reached twice) and sub-folders that cannot be listed are
+counted and named in a warning; empty or unreadable class folders and class sets that differ
+between splits raise a :class:`~vision_attn.errors.ConfigError` naming the folders, before
+training starts. Links are followed (a class folder or a file may live elsewhere), each folder
+is listed once.
 File lists are kept as numpy byte arrays, not Python lists, so DataLoader workers (forked)
 do not copy them page by page through reference counting.
 """
@@ -35,6 +38,8 @@ class FolderSplit:
     labels: np.ndarray
     counts: dict[str, int] = field(default_factory=dict)  # images per class folder
     ignored: list[str] = field(default_factory=list)  # skipped entries, relative to root
+    loops: list[str] = field(default_factory=list)  # folders not scanned (link loops, repeats), relative to root
+    unreadable: list[str] = field(default_factory=list)  # sub-folders that could not be listed: "path (error)"
 
     def __len__(self) -> int:
         return len(self.files)
@@ -53,15 +58,72 @@ def class_folders(split_dir: Path) -> tuple[list[str], list[str]]:
     return classes, ignored
 
 
-def _images_in(class_dir: Path) -> tuple[list[str], list[str]]:
-    """Image files (relative to ``class_dir``'s parent) found recursively, and ignored files."""
-    images, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames.sort()
+@dataclass
+class _Walk:
+    """What a recursive scan of one class folder found."""
+
+    images: list[str] = field(default_factory=list)  # relative to the class folder's parent
+    ignored: list[str] = field(default_factory=list)  # files that are not images
+    loops: list[str] = field(default_factory=list)  # folders not scanned: link loops and repeats
+    unreadable: list[str] = field(default_factory=list)  # folders that could not be listed: "path (error)"
+
+
+def _dir_id(path: str) -> Optional[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of a folder, links followed; None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _is_ancestor(target: str, real: str) -> bool:
+    """True if the real path ``target`` is ``real`` or one of its ancestors (a link there loops)."""
+    return real == target or real.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def _images_in(class_dir: Path) -> _Walk:
+    """Image files found recursively under ``class_dir``, links followed, each folder listed once.
+
+    A link to an ancestor of its own real location or of ``class_dir`` (a loop), and a folder
+    already scanned through another path (a repeat), are recorded in ``loops``, not scanned;
+    sub-folders that cannot be listed are recorded in ``unreadable``; an unreadable
+    ``class_dir`` raises a ConfigError naming it.
+    """
+    walk = _Walk()
+    seen = {i for i in (_dir_id(str(p)) for p in Path(os.path.realpath(class_dir)).parents) if i}
+    stack = [str(class_dir)]
+    while stack:
+        dirpath = stack.pop()
         rel_dir = os.path.relpath(dirpath, class_dir.parent)
-        for name in sorted(filenames):
-            (images if is_image_file(name) else ignored).append(os.path.join(rel_dir, name))
-    return images, ignored
+        ident = _dir_id(dirpath)
+        if ident in seen:
+            walk.loops.append(rel_dir)
+            continue
+        if ident is not None:
+            seen.add(ident)
+        try:
+            with os.scandir(dirpath) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if dirpath == str(class_dir):
+                raise ConfigError(
+                    f"cannot list class folder {dirpath} ({e.strerror or e}): make it readable by this user "
+                    "(e.g. chmod a+rx on it) or remove it"
+                ) from e
+            walk.unreadable.append(f"{dirpath} ({e.strerror or e})")
+            continue
+        subdirs, real = [], os.path.realpath(dirpath)
+        for entry in entries:
+            if entry.is_dir():  # follows links
+                if entry.is_symlink() and _is_ancestor(os.path.realpath(entry.path), real):
+                    walk.loops.append(os.path.join(rel_dir, entry.name))
+                else:
+                    subdirs.append(entry.path)
+            else:
+                (walk.images if is_image_file(entry.name) else walk.ignored).append(os.path.join(rel_dir, entry.name))
+        stack.extend(reversed(subdirs))  # depth-first, in name order
+    return walk
 
 
 def scan_split(split_dir: Path, class_index: Optional[Mapping[str, int]] = None) -> FolderSplit:
@@ -74,14 +136,18 @@ def scan_split(split_dir: Path, class_index: Optional[Mapping[str, int]] = None)
     files: list[str] = []
     labels: list[int] = []
     counts: dict[str, int] = {}
+    loops: list[str] = []
+    unreadable: list[str] = []
     for name in classes:
-        images, skipped = _images_in(split_dir / name)
-        counts[name] = len(images)
-        ignored += skipped
-        files += images
-        labels += [index[name]] * len(images)
+        walk = _images_in(split_dir / name)
+        counts[name] = len(walk.images)
+        ignored += walk.ignored
+        loops += walk.loops
+        unreadable += walk.unreadable
+        files += walk.images
+        labels += [index[name]] * len(walk.images)
     encoded = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)  # any file name, 1 byte per char
-    return FolderSplit(split_dir, classes, encoded, np.array(labels, dtype=np.int64), counts, ignored)
+    return FolderSplit(split_dir, classes, encoded, np.array(labels, dtype=np.int64), counts, ignored, loops, unreadable)
 
 
 def check_splits(splits: Mapping[str, FolderSplit]) -> None:
@@ -108,6 +174,12 @@ def check_splits(splits: Mapping[str, FolderSplit]) -> None:
         if split.ignored:
             examples = ", ".join(split.ignored[:3])
             log.warning(f"{split.root}: ignored {len(split.ignored)} entries that are not images (e.g. {examples})")
+        if split.loops:
+            log.warning(f"{split.root}: skipped {len(split.loops)} folders that loop through a link or were already "
+                        f"scanned through another path (each image is loaded once): {', '.join(split.loops[:5])}")
+        if split.unreadable:
+            log.warning(f"{split.root}: could not list {len(split.unreadable)} folders, their images are not loaded: "
+                        f"{', '.join(split.unreadable[:5])}; make them readable (chmod a+rx) or remove them")
 
 
 class ImageFileDataset(Dataset):

@@ -1,8 +1,11 @@
 """Image folders and bad input: missing roots, empty or mismatched class folders, ignored files,
-corrupt images (named, or skipped and counted exactly with workers), any mode, any size."""
+symlink loops, unreadable folders, corrupt or too-large images (named, or skipped and counted
+exactly with workers), any mode, any size."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import ROOT
-from data.decode import CorruptImageError
+from data.decode import CorruptImageError, ImageTooLargeError
 from data.fakes import IMAGENETTE_WNIDS, make_class_tree, make_imagefolder, nearest_photo, photo, save, write_truncated
 from data.modules import ImageFolderDataModule, ImageNetDataModule
 from vision_attn.errors import ConfigError, config_error_in
@@ -227,3 +230,102 @@ def test_num_workers_is_capped_at_the_cpus_this_process_may_use(monkeypatch, cap
         assert usable_workers(8) == 2
     assert "data.num_workers=8: this process may use 2 CPUs, so 2 loader workers" in caplog.text
     assert usable_workers(2) == 2 and usable_workers(0) == 0
+
+
+# --- folder scan: links, loops, unreadable folders ----------------------------------------
+
+
+def _train_files(dm) -> list[str]:
+    train = dm.splits["train"].dataset
+    return sorted(os.path.relpath(train.path(i), dm.root / "train") for i in range(len(train)))
+
+
+def test_symlink_loops_are_not_followed_and_each_image_counts_once(tree, caplog):
+    sub = tree / "train" / "apple" / "sub"
+    save(photo(0, (40, 30)), sub / "deep.jpg")
+    (sub / "loop").symlink_to("..", target_is_directory=True)  # apple/sub/loop -> apple
+    (tree / "train" / "bird" / "all").symlink_to("../..", target_is_directory=True)  # -> train/
+    (tree / "train" / "cat" / "again").symlink_to("../apple/sub", target_is_directory=True)  # another class: kept
+    dm = ImageFolderDataModule(str(tree), **KW)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    apples = [f"apple/apple_{i}.jpg" for i in range(4)]
+    assert _train_files(dm) == sorted(
+        [*apples, "apple/sub/deep.jpg", *[f"bird/bird_{i}.jpg" for i in range(4)],
+         "cat/again/deep.jpg", *[f"cat/cat_{i}.jpg" for i in range(4)]]
+    )
+    assert dm.splits["train"].dataset.labels.tolist().count(0) == 5
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipped 3 folders that loop through a link" in warning and "bird/all" in warning
+    assert "apple/sub/loop" in warning and "cat/again/loop" in warning  # the same link, reached from cat too
+
+
+def test_symlinked_class_folders_and_files_elsewhere_load(tree, tmp_path):
+    elsewhere = make_class_tree(tmp_path / "elsewhere", ["dog"], 3)
+    (tree / "train" / "dog").symlink_to(elsewhere[0].parent, target_is_directory=True)
+    make_class_tree(tree / "val", ["dog"], 1)
+    (tree / "train" / "apple" / "linked.jpg").symlink_to(elsewhere[1])
+    dm = ImageFolderDataModule(str(tree), **KW)
+    dm.setup()
+    files = _train_files(dm)
+    assert len(files) == 12 + 3 + 1 and "apple/linked.jpg" in files and "dog/dog_2.jpg" in files
+    train = dm.splits["train"]
+    linked = next(i for i in range(len(train)) if train.dataset.path(i).endswith("linked.jpg"))
+    assert train[linked][1] == 0 and dm.classes == ["apple", "bird", "cat", "dog"]
+
+
+def _unlistable(monkeypatch, *blocked: Path) -> None:
+    """Tests run as root, where chmod 000 does not stop reading: make os.scandir raise
+    PermissionError for ``blocked`` as it would for an unprivileged user."""
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) in {str(p) for p in blocked}:
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_sub_folders_are_named_in_a_warning(tree, monkeypatch, caplog):
+    private = tree / "train" / "bird" / "private"
+    save(photo(1, (40, 30)), private / "hidden.jpg")
+    _unlistable(monkeypatch, private)
+    dm = ImageFolderDataModule(str(tree), **KW)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    assert len(dm.splits["train"]) == 12
+    warning = " ".join(r.getMessage() for r in caplog.records)
+    assert "could not list 1 folders" in warning and f"{private} (Permission denied)" in warning and "chmod" in warning
+
+
+def test_unreadable_class_folder_is_a_config_error(tree, monkeypatch):
+    _unlistable(monkeypatch, tree / "val" / "cat")
+    with pytest.raises(ConfigError) as info:
+        ImageFolderDataModule(str(tree), **KW).setup()
+    message = str(info.value)
+    assert f"cannot list class folder {tree / 'val' / 'cat'} (Permission denied)" in message and "chmod" in message
+
+
+# --- data.max_image_pixels ------------------------------------------------------------------
+
+
+def test_max_image_pixels_key_reaches_the_loader(tree, caplog):
+    assert compose_data(f"data.root={tree}").data.max_image_pixels == Image.MAX_IMAGE_PIXELS
+    big = save(photo(0, (200, 150)), tree / "train" / "apple" / "big.png")  # 30000 px, never drafted
+    cfg = compose_data(f"data.root={tree}", "data.max_image_pixels=20000", "data.image_size=32")
+    dm = instantiate(cfg.data, num_workers=0, batch_size=13)
+    dm.setup()
+    assert dm.splits["train"].dataset.loader.max_pixels == 20000 == dm.max_image_pixels
+    with pytest.raises(ImageTooLargeError) as info:
+        next(iter(dm.train_dataloader()))
+    assert str(big) in str(info.value) and "data.max_image_pixels=20000" in str(info.value)
+    dm = ImageFolderDataModule(str(tree), max_image_pixels=20000, skip_corrupt=True, **KW)
+    dm.setup()
+    train = dm.splits["train"]
+    index = next(i for i in range(len(train)) if train.dataset.path(i) == str(big))
+    with caplog.at_level(logging.WARNING):
+        assert train[index][2] == 1
+    assert f"skipped too large image {big}" in caplog.text
+    with pytest.raises(ConfigError, match="data.max_image_pixels=0 must be a positive integer"):
+        ImageFolderDataModule(str(tree), max_image_pixels=0, **KW)
