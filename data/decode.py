@@ -176,7 +176,7 @@ def _check_pixels(path: str, img: Image.Image, full: tuple[int, int], max_pixels
     w, h = img.size
     if max_pixels is None or w * h <= max_pixels:
         return
-    drafted = f", {w}x{h} at the smallest JPEG scale for this image size" if (w, h) != full else ""
+    drafted = f", {w}x{h} at the smallest JPEG scale the resize allows" if (w, h) != full else ""
     raise ImageTooLargeError(
         f"image {path} is {full[0]}x{full[1]} = {full[0] * full[1]} pixels{drafted}, over the limit "
         f"data.max_image_pixels={max_pixels}: raise it (data.max_image_pixels={w * h}, or null for no limit; "
@@ -216,7 +216,7 @@ def _os_error(path: str, e: OSError, attempts: int) -> Exception:
     if isinstance(e, PermissionError) or e.errno in (errno.EACCES, errno.EPERM):
         return ImagePermissionError(
             f"permission denied reading image {path} ({e}): make it readable by this user "
-            f"(e.g. chmod a+r on the files and a+rx on their folders) or run as a user who can read it",
+            "(e.g. chmod a+r on the files and a+rx on their folders) or run as a user who can read it",
             path=path,
         )
     tries = f" after {attempts} attempts" if attempts > 1 else ""
@@ -233,8 +233,8 @@ def open_image(
 ) -> Image.Image:
     """Decode ``path`` to RGB, at reduced JPEG scale keeping the shorter side >= ``min_size``, at
     most ``max_pixels`` decoded (None: no limit). Transient read errors are retried."""
-    name = os.fspath(path)
-    for attempt, delay in enumerate((*RETRY_DELAYS_S, None), start=1):
+    name, attempt = os.fspath(path), 1
+    while True:
         try:
             return _decode(path, min_size, max_pixels)
         except (BadImageError, MemoryError):
@@ -249,14 +249,14 @@ def open_image(
         except OSError as e:
             if e.errno is None or e.errno == errno.ENOENT:  # PIL's decoding errors carry no errno
                 raise _corrupt(name, e) from e
-            if e.errno in TRANSIENT_ERRNOS and delay is not None:
-                log.warning(f"reading image {name} failed ({e}); retry {attempt} of {len(RETRY_DELAYS_S)} in {delay} s")
-                time.sleep(delay)
-                continue
-            raise _os_error(name, e, attempt) from e
+            if e.errno not in TRANSIENT_ERRNOS or attempt > len(RETRY_DELAYS_S):
+                raise _os_error(name, e, attempt) from e
+            delay = RETRY_DELAYS_S[attempt - 1]
+            log.warning(f"reading image {name} failed ({e}); retry {attempt} of {len(RETRY_DELAYS_S)} in {delay} s")
+            time.sleep(delay)
+            attempt += 1
         except Exception as e:  # PIL raises SyntaxError, ValueError, zlib/struct errors...
             raise _corrupt(name, e) from e
-    raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 class ImageLoader:
