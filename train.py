@@ -5,12 +5,13 @@ compose config -> instantiate DataModule, LightningModule, callbacks, loggers ->
 
 Resume a run in its own directory: ``python train.py hydra.run.dir=<run dir> resume=true``
 (or ``ckpt_path=last``): model, optimizer, LR schedule, epoch/step, data position, RNG state and
-the same W&B run. Exit codes: 2 config error, 3 NaN/Inf loss, 143 stopped by SIGTERM (after
-writing ``checkpoints/last.ckpt``). Distributed: ``trainer=ddp`` (conf/trainer/ddp.yaml says
-how to launch with torchrun / srun).
+the same W&B run. Exit codes: 2 config error, 3 NaN/Inf loss or gradients, 143 stopped by SIGTERM
+in any phase (in fit after writing ``checkpoints/last.ckpt``; never with a ``results.json``).
+Distributed: ``trainer=ddp`` (conf/trainer/ddp.yaml says how to launch with torchrun / srun).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_attn.errors import ConfigError, TrainingDiverged, config_error_in
-from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, resolve_ckpt_path
+from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, SigtermGuard, Terminated, resolve_ckpt_path
 from vision_attn.loggers import read_run_id, write_run_id
 
 log = logging.getLogger("train")
@@ -150,8 +151,10 @@ def refuse_multirun_relaunch(cfg: DictConfig, trainer: L.Trainer) -> None:
         )
 
 
-def train(cfg: DictConfig) -> Optional[float]:
-    """Fit, test the best checkpoint, and return the monitored metric."""
+def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[float]:
+    """Fit, test the best checkpoint, and return the monitored metric. ``guard`` (main's) turns a
+    SIGTERM in any phase into :class:`Terminated` (exit 143)."""
+    guard = guard or SigtermGuard()
     start = time.monotonic()
     L.seed_everything(cfg.seed, workers=True)
     run_dir = HydraConfig.get().runtime.output_dir
@@ -174,34 +177,56 @@ def train(cfg: DictConfig) -> Optional[float]:
     if resuming:
         log.info(f"resuming from {ckpt_path}" + (f" (W&B run {wandb_id})" if wandb_id else ""))
 
+    guard.check()
+    guard.phase = "fit"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    except SIGTERMException:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        guard.check()
+    except (SIGTERMException, Terminated):
         saved = [cb.sigterm_checkpoint for cb in callbacks if isinstance(cb, FaultTolerance) and cb.sigterm_checkpoint]
-        where = f"saved {saved[0]}" if saved else "no checkpoint written (FaultTolerance callback off)"
+        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+        where = f"saved {saved[0]}" if saved else (f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
         log.warning(f"SIGTERM: stopped at step {trainer.global_step}, {where}; "
                     f"resume with: python train.py hydra.run.dir={run_dir} resume=true")
-        sys.exit(143)
+        raise Terminated("fit") from None
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     monitored = metrics.get(cfg.monitor)
     if cfg.test_after_fit:
+        guard.phase = "test"
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        try:
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+        except SIGTERMException:  # a SystemExit without a code: exit status 0 if let through
+            raise Terminated("test") from None
+        guard.check()
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
     if trainer.is_global_zero:
-        write_results(cfg, trainer, module, metrics, time.monotonic() - start)
+        guard.phase = "writing results"
+        try:
+            write_results(cfg, trainer, module, metrics, time.monotonic() - start)
+            guard.check()
+        except Terminated:
+            with contextlib.suppress(OSError):  # no results.json claiming a run that was killed
+                os.remove(os.path.join(run_dir, "results.json"))
+            raise
+    guard.phase = "done"
     return monitored
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> Optional[float]:
     failed = True
+    guard = SigtermGuard().install()
     try:
-        result = train(cfg)
+        result = train(cfg, guard)
         failed = False
         return result
-    except TrainingDiverged as e:  # NaN/Inf loss: one line naming the step, checkpoints untouched
+    except Terminated as e:  # SIGTERM in any phase: exit 143, never a success
+        if e.phase != "fit":  # fit logged its own line (the checkpoint and how to resume)
+            log.warning(f"SIGTERM during {e.phase}: stopped, exit 143 (no results.json)")
+        sys.exit(143)
+    except TrainingDiverged as e:  # NaN/Inf loss or gradients: one line naming the step, checkpoints untouched
         log.error(f"training diverged: {e}")
         sys.exit(3)
     except Exception as e:  # a bad config value: one clear line, no deep traceback
@@ -211,6 +236,7 @@ def main(cfg: DictConfig) -> Optional[float]:
         log.error(f"config error: {error}")
         sys.exit(2)
     finally:
+        guard.uninstall()
         finish_wandb(failed)
 
 

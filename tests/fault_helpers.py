@@ -32,3 +32,26 @@ class CrashAtStep(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise Crash(f"step {self.step}")
+
+
+class SigtermAt(L.Callback):
+    """SIGTERM this process at the start of batch ``batch`` of ``stage``: "test", or "validation"
+    (the fit's, after the sanity check, in epoch ``epoch``)."""
+
+    def __init__(self, stage: str = "test", batch: int = 0, epoch: int = 0) -> None:
+        self.stage, self.batch, self.epoch, self.sent = stage, batch, epoch, False
+
+    def _maybe_kill(self, trainer, batch_idx: int) -> None:
+        epoch_ok = self.stage == "test" or trainer.current_epoch == self.epoch
+        if not self.sent and batch_idx == self.batch and epoch_ok and not trainer.sanity_checking:
+            self.sent = True
+            print(f"sending SIGTERM at {self.stage} batch {batch_idx} (epoch {trainer.current_epoch})", flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "test":
+            self._maybe_kill(trainer, batch_idx)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.stage == "validation":
+            self._maybe_kill(trainer, batch_idx)

@@ -18,12 +18,14 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
-from fault_helpers import Crash, CrashAtStep
+from fault_helpers import Crash, CrashAtStep, SigtermAt
 from data.datamodule import ShapesDataModule
 from data.resumable import ResumableDataLoader, ResumableSampler, resumable_train_loader
 from test_train import TINY
-from vision_attn.errors import ConfigError
-from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, atomic_torch_save, resolve_ckpt_path
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from vision_attn.errors import ConfigError, TrainingDiverged
+from vision_attn.fault import (AtomicCheckpointIO, FaultTolerance, atomic_torch_save, collect_rng_states,
+                               resolve_ckpt_path)
 from vision_attn.module import ClassificationModule
 
 OPTIM = dict(opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5)
@@ -87,20 +89,20 @@ def test_checkpoints_load_weights_only_and_hold_scheduler_loader_and_rng_state(t
     assert sched["t_initial"] == 4 and sched["base_values"] == [2e-3, 2e-3]  # decay, no-decay groups
     (loader,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     assert loader == {"epoch": 0, "batches": 4, "batch_size": 8, "num_replicas": 1, "seed": 0}
-    assert set(ckpt["callbacks"]["FaultTolerance"]["rng"]) >= {"torch", "numpy", "python"}
+    assert set(ckpt["callbacks"]["FaultTolerance"]["rng"][0]) >= {"torch", "numpy", "python"}  # {rank: states}
 
 
-def _fit(tmp_path, crash_at=None, resume=False, every_n=None):
+def _fit(tmp_path, crash_at=None, resume=False, every_n=None, val_size=16, extra=()):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     L.seed_everything(3, workers=True)
-    dm = ShapesDataModule(image_size=32, batch_size=16, train_size=64, val_size=16, test_size=16)
+    dm = ShapesDataModule(image_size=32, batch_size=16, train_size=64, val_size=val_size, test_size=16)
     module = ClassificationModule(dict(variant="swin", size="pico", embed_dim=16), 8, 32, OPTIM)
     ckpt_dir = tmp_path / "checkpoints"
     callbacks = [ModelCheckpoint(dirpath=ckpt_dir, monitor="val/acc1", mode="max", save_top_k=1),
                  FaultTolerance(str(ckpt_dir), every_n_train_steps=every_n)]
     trainer = L.Trainer(max_epochs=2, deterministic=True, logger=False, plugins=[AtomicCheckpointIO()],
-                        callbacks=callbacks + ([CrashAtStep(crash_at)] if crash_at else []),
+                        callbacks=callbacks + ([CrashAtStep(crash_at)] if crash_at else []) + list(extra),
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     try:
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_dir / "last.ckpt") if resume else None)
@@ -128,6 +130,34 @@ def test_resume_in_process_is_bit_identical(tmp_path, uninterrupted, every_n, cr
         assert torch.equal(a, b), name
     for key in ("val/loss", "val/acc1"):
         assert float(trainer.callback_metrics[key]) == float(ref_trainer.callback_metrics[key]), key
+
+
+class ValRecorder(L.Callback):
+    """The fit's validation metrics per epoch, as ModelCheckpoint sees them."""
+
+    def __init__(self) -> None:
+        self.by_epoch: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.by_epoch[trainer.current_epoch] = {k: float(trainer.callback_metrics[k]) for k in ("val/loss", "val/acc1")}
+
+
+def test_sigterm_mid_validation_reruns_that_validation_in_full_on_resume(tmp_path, one_thread):
+    """3 validation batches; SIGTERM at validation batch 1 of epoch 0 saves last.ckpt; the resumed
+    run validates epoch 0 again from its first batch: the same score (and best checkpoint) as an
+    uninterrupted run, not a score over the batches left."""
+    ref_rec = ValRecorder()
+    ref, ref_trainer = _fit(tmp_path / "ref", val_size=48, extra=[ref_rec])
+    with pytest.raises(SIGTERMException):
+        _fit(tmp_path / "cut", val_size=48, extra=[SigtermAt("validation", batch=1, epoch=0)])
+    assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    rec = ValRecorder()
+    resumed, trainer = _fit(tmp_path / "cut", resume=True, val_size=48, extra=[rec])
+    assert rec.by_epoch == ref_rec.by_epoch and set(rec.by_epoch) == {0, 1}
+    assert float(trainer.checkpoint_callback.best_model_score) == float(ref_trainer.checkpoint_callback.best_model_score)
+    for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # --- resumable sampler -----------------------------------------------------------------------------
@@ -191,30 +221,86 @@ def test_datamodule_train_loader_is_resumable_and_rank_aware():
 # --- resume resolution -----------------------------------------------------------------------------
 
 
+def _ckpt(path: Path, step: int, age_s: float = 0.0) -> str:
+    """A minimal training checkpoint (the keys resolve_ckpt_path checks) at ``global_step`` ``step``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {"w": torch.ones(2)}, "optimizer_states": [], "loops": {}, "global_step": step,
+                "epoch": 0}, path)
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return str(path)
+
+
 def test_resume_and_ckpt_path_last_resolve_to_the_run_dirs_last_ckpt(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
     for kwargs, key in (({"ckpt_path": None, "resume": True}, "resume=true"), ({"ckpt_path": "last", "resume": False}, "ckpt_path=last")):
         with pytest.raises(ConfigError) as info:
-            resolve_ckpt_path(run_dir=str(tmp_path), **kwargs)
+            resolve_ckpt_path(run_dir=str(tmp_path), env={}, **kwargs)
         assert str(info.value).startswith(f"{key}: no checkpoint at {last}")
-    last.parent.mkdir()
-    last.write_bytes(b"x")
-    assert resolve_ckpt_path(None, True, str(tmp_path)) == str(last)
-    assert resolve_ckpt_path("last", False, str(tmp_path)) == str(last)
+    _ckpt(last, 4)
+    assert resolve_ckpt_path(None, True, str(tmp_path), env={}) == str(last)
+    assert resolve_ckpt_path("last", False, str(tmp_path), env={}) == str(last)
     assert resolve_ckpt_path(None, False, str(tmp_path), env={}) is None
     with pytest.raises(ConfigError, match="ckpt_path=/nope.ckpt: no such checkpoint file"):
-        resolve_ckpt_path("/nope.ckpt", False, str(tmp_path))
+        resolve_ckpt_path("/nope.ckpt", False, str(tmp_path), env={})
+    last.write_bytes(b"truncated")
+    with pytest.raises(ConfigError, match=f"resume=true: no loadable checkpoint in .*{last}.* cannot be read"):
+        resolve_ckpt_path(None, True, str(tmp_path), env={})
 
 
 def test_requeued_slurm_job_resumes_from_the_newest_checkpoint(tmp_path):
-    last = tmp_path / "checkpoints" / "last.ckpt"
-    last.parent.mkdir()
-    last.write_bytes(b"x")
-    hpc = tmp_path / "hpc_ckpt_2.ckpt"
-    hpc.write_bytes(b"y")
-    os.utime(last, (time.time() - 60, time.time() - 60))
-    assert resolve_ckpt_path(None, False, str(tmp_path), env={"SLURM_RESTART_COUNT": "1"}) == str(hpc)
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt", 8, age_s=60)
+    hpc = _ckpt(tmp_path / "hpc_ckpt_2.ckpt", 10)
+    assert resolve_ckpt_path(None, False, str(tmp_path), env={"SLURM_RESTART_COUNT": "1"}) == hpc
     assert resolve_ckpt_path(None, False, str(tmp_path), env={"SLURM_RESTART_COUNT": "0"}) is None
+    assert resolve_ckpt_path(None, False, str(tmp_path / "empty"), env={"SLURM_RESTART_COUNT": "2"}) is None
+    _ckpt(Path(last), 12)  # last.ckpt now the furthest along
+    assert resolve_ckpt_path(None, False, str(tmp_path), env={"SLURM_RESTART_COUNT": "1"}) == last
+
+
+def test_requeued_job_started_from_a_ckpt_path_continues_from_its_own_progress(tmp_path):
+    """A job started with ckpt_path=<file> and requeued: the run's newer checkpoints win over that file."""
+    initial = _ckpt(tmp_path / "pretrained" / "start.ckpt", 100, age_s=3600)
+    run_dir = tmp_path / "run"
+    requeued = {"SLURM_RESTART_COUNT": "1"}
+    assert resolve_ckpt_path(initial, False, str(run_dir), env=requeued) == initial  # requeued before any save
+    last = _ckpt(run_dir / "checkpoints" / "last.ckpt", 140, age_s=600)
+    assert resolve_ckpt_path(initial, False, str(run_dir), env=requeued) == last
+    hpc = _ckpt(run_dir / "hpc_ckpt_1.ckpt", 150)
+    assert resolve_ckpt_path(initial, False, str(run_dir), env=requeued) == hpc
+    assert resolve_ckpt_path(initial, False, str(run_dir), env={}) == initial  # not requeued: the file asked for
+
+
+def test_resume_takes_an_hpc_checkpoint_newer_than_last_and_skips_a_corrupt_newest(tmp_path, caplog):
+    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt", 8, age_s=120)
+    hpc = _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 10, age_s=60)
+    assert resolve_ckpt_path(None, True, str(tmp_path), env={}) == hpc
+    corrupt = tmp_path / "hpc_ckpt_2.ckpt"
+    corrupt.write_bytes(Path(hpc).read_bytes()[:200])  # the newest file, cut short by a kill
+    with caplog.at_level("WARNING", logger="vision_attn.fault"):
+        assert resolve_ckpt_path(None, True, str(tmp_path), env={}) == hpc
+    assert f"skipping {corrupt}: checkpoint {corrupt} cannot be read" in caplog.text
+    weights_only_file = tmp_path / "hpc_ckpt_3.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 20}, weights_only_file)
+    assert resolve_ckpt_path(None, True, str(tmp_path), env={}) == hpc
+    assert "is not a training checkpoint (no optimizer_states, loops, epoch)" in caplog.text
+
+
+class Evil:
+    """Stands for a pickled object that could run code when loaded."""
+
+
+def test_remote_ckpt_path_and_pickled_checkpoints_are_refused_naming_the_file(tmp_path):
+    for url in ("https://example.com/model.ckpt", "s3://bucket/model.ckpt"):
+        with pytest.raises(ConfigError, match=f"ckpt_path={url}: remote checkpoints are not loaded .* download it"):
+            resolve_ckpt_path(url, False, str(tmp_path), env={})
+        with pytest.raises(ConfigError, match="remote checkpoints are not loaded"):
+            AtomicCheckpointIO().load_checkpoint(url)
+    path = tmp_path / "pickled.ckpt"
+    torch.save({"state_dict": {}, "optimizer_states": [], "loops": {}, "global_step": 1, "epoch": 0, "x": Evil()}, path)
+    with pytest.raises(ConfigError, match=f"ckpt_path={path}: checkpoint {path} cannot be loaded with weights_only=True"):
+        resolve_ckpt_path(str(path), False, str(tmp_path), env={})
+    with pytest.raises(ConfigError, match=f"checkpoint {path} cannot be loaded with weights_only=True"):
+        AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # asked for False: still True
 
 
 def test_slurm_preset_gives_requeueing_to_lightning_alone():
@@ -284,6 +370,54 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train
     assert "Traceback" not in out
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_nan_gradient_stops_naming_the_step_and_checkpoints_stay_finite(train_runner, tmp_path):
+    """A finite loss with an Inf gradient (a bf16 overflow) at step 5: exit 3 before AdamW writes
+    NaN weights; last.ckpt stays the step-4 one. Checkpoint saves set weights_only explicitly."""
+    run_dir = tmp_path / "run"
+    proc = train_runner(*TINY, "logger=none", "trainer.max_epochs=2", "checkpoint_every_n_steps=2",
+                        "module.debug_nan_grad_at_step=5", f"hydra.run.dir={run_dir}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "training diverged: non-finite gradient norm (inf) at step 5 (epoch 1, batch 1)" in out
+    assert "Traceback" not in out
+    assert "`weights_only` was not set" not in out  # every save passes weights_only
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_non_finite_weights_are_never_saved_and_the_previous_file_stays(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 4, "state_dict": {"w": torch.ones(3)}}, path)
+    with pytest.raises(TrainingDiverged, match=f"non-finite weights at step 6: not saving {path}"):
+        io.save_checkpoint({"global_step": 6, "state_dict": {"w": torch.tensor([1.0, float("nan"), 0.0])}}, path)
+    assert torch.load(path, weights_only=True)["global_step"] == 4
+
+    class Stopped:  # what FaultTolerance.on_exception reads on SIGTERM
+        state = type("S", (), {"fn": "fit"})()
+        sanity_checking, global_step = False, 6
+
+    module = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        module.weight.fill_(float("inf"))
+    ft = FaultTolerance(str(tmp_path))
+    ft.on_exception(Stopped(), module, SIGTERMException())  # refuses before building a checkpoint
+    assert ft.sigterm_checkpoint is None and torch.load(path, weights_only=True)["global_step"] == 4
+
+
+def test_sigterm_during_the_test_phase_exits_143_without_results(train_runner, tmp_path):
+    """Lightning's SIGTERMException is a SystemExit without a code (status 0): after fit it must be 143 too."""
+    run_dir = tmp_path / "run"
+    proc = train_runner(*TINY, "logger=none", f"hydra.run.dir={run_dir}", "+callbacks.term._target_=fault_helpers.SigtermAt",
+                        "+callbacks.term.stage=test", env={"PYTHONPATH": str(ROOT / "tests")})
+    out = proc.stdout + proc.stderr
+    assert "sending SIGTERM at test batch 0" in out, out[-3000:]
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM during test: stopped, exit 143 (no results.json)" in out
+    assert "Traceback" not in out and "final metrics:" not in out
+    assert not (run_dir / "results.json").exists()
 
 
 def test_multirun_with_a_relaunching_ddp_strategy_is_refused_in_one_line(train_runner, tmp_path):

@@ -32,9 +32,11 @@ class ClassificationModule(L.LightningModule):
     (``torch.compile`` of the backbone; ``self.model`` stays the eager module, so checkpoints keep
     their keys and hooks still work) and ``channels_last`` (the stem's conv weights and the input
     images in channels-last memory format, so the stem's NCHW -> NHWC permute is free).
-    ``check_finite``: stop with :class:`TrainingDiverged` naming the step when the training loss is
-    NaN/Inf, before the optimizer step (checkpoints untouched). ``debug_nan_at_step``: make the
-    loss NaN at that global step (to test the above).
+    ``check_finite``: stop with :class:`TrainingDiverged` naming the step when the training loss or
+    the gradients' total norm is NaN/Inf (on any rank), before the optimizer step (checkpoints
+    untouched). With fp16 mixed precision the gradient check is the GradScaler's (it skips such
+    steps). ``debug_nan_at_step`` / ``debug_nan_grad_at_step``: make the loss NaN / one gradient
+    Inf at that global step (to test the above).
     """
 
     def __init__(
@@ -45,6 +47,7 @@ class ClassificationModule(L.LightningModule):
         optim: dict[str, Any],
         check_finite: bool = True,
         debug_nan_at_step: Optional[int] = None,
+        debug_nan_grad_at_step: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -57,6 +60,7 @@ class ClassificationModule(L.LightningModule):
         # Not a registered submodule: same parameters, no "_orig_mod." keys in the state dict.
         self.__dict__["_compiled"] = torch.compile(self.model) if compile_model else None
         self.check_finite, self.debug_nan_at_step = check_finite, debug_nan_at_step
+        self.debug_nan_grad_at_step = debug_nan_grad_at_step
         self.optim = dict(optim)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.optim.get("label_smoothing", 0.0))
         self.soft_criterion = SoftTargetCrossEntropy()
@@ -113,15 +117,36 @@ class ClassificationModule(L.LightningModule):
             self._stop_if_not_finite(loss, batch_idx)
         return loss
 
+    def _any_rank(self, bad: bool) -> bool:
+        """``bad`` on any rank (every rank stops at the same step)."""
+        if self._trainer is not None and self._trainer.world_size > 1:
+            return self._trainer.strategy.reduce_boolean_decision(bad, all=False)
+        return bad
+
     def _stop_if_not_finite(self, loss: torch.Tensor, batch_idx: int) -> None:
-        bad = not bool(torch.isfinite(loss.detach()).all())
-        if self._trainer is not None and self._trainer.world_size > 1:  # every rank stops at the same step
-            bad = self._trainer.strategy.reduce_boolean_decision(bad, all=False)
+        bad = self._any_rank(not bool(torch.isfinite(loss.detach()).all()))
         if bad:
             raise TrainingDiverged(
                 f"non-finite training loss ({float(loss.detach())}) at step {self.global_step} "
                 f"(epoch {self.current_epoch}, batch {batch_idx}); stopped before the optimizer step, "
                 "checkpoints left as they were. Try a lower optim.lr, more optim.warmup_epochs or "
+                "trainer.gradient_clip_val=1.0"
+            )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before AdamW turns non-finite gradients (e.g. a bf16 overflow) into NaN weights."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if self.debug_nan_grad_at_step is not None and self.global_step == self.debug_nan_grad_at_step and grads:
+            grads[0].view(-1)[0] = float("inf")
+        if not self.check_finite or not grads or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+        if self._any_rank(not bool(torch.isfinite(norm))):
+            loop = self.trainer.fit_loop.epoch_loop
+            raise TrainingDiverged(
+                f"non-finite gradient norm ({float(norm)}) at step {self.global_step} "
+                f"(epoch {self.current_epoch}, batch {loop.batch_idx}); stopped before the optimizer step, "
+                "checkpoints left as they were. Try bf16 -> 32-true precision, a lower optim.lr or "
                 "trainer.gradient_clip_val=1.0"
             )
 
