@@ -10,6 +10,7 @@ BENCHES = {
     "model": "vision_attn.bench.model",
     "data": "vision_attn.bench.data",
     "knobs": "vision_attn.bench.knobs",
+    "gpu": "vision_attn.bench.gpu",
 }
 
 
