@@ -12,7 +12,6 @@ Distributed: ``trainer=ddp`` (conf/trainer/ddp.yaml says how to launch with torc
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -30,6 +29,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_attn.errors import ConfigError, TrainingDiverged, config_error_in
+from vision_attn.files import atomic_write_json
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, SigtermGuard, Terminated, resolve_ckpt_path
 from vision_attn.loggers import read_run_id, write_run_id
 
@@ -103,13 +103,14 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         "gflops": summary.gflops if summary else None,
         "best_val_acc1": float(best) if best is not None else metrics.get("val/acc1"),
         "test_acc1": metrics.get("test/acc1"),
-        "images_per_sec": metrics.get("train/images_per_sec"),
+        "images_per_sec": metrics.get("train/images_per_sec"),  # all devices together
+        "images_per_sec_per_device": metrics.get("train/images_per_sec_per_device"),
+        "devices": trainer.world_size,
         "peak_mem_mb": metrics.get("train/peak_mem_mb"),
         "wall_time_s": round(wall, 1),
         "epochs": trainer.current_epoch,
     }
-    with open(os.path.join(HydraConfig.get().runtime.output_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    atomic_write_json(os.path.join(HydraConfig.get().runtime.output_dir, "results.json"), results)
 
 
 def build_loggers(cfg: Optional[DictConfig], wandb_id: Optional[str]) -> list[Any]:
