@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -50,19 +51,18 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 from unittest import mock
 
-from vision_attn.bench import model as model_bench  # first: it sets TIMM_FUSED_ATTN before timm loads
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from vision_attn.attention import AttnSpec, attention_kinds, create_attention  # noqa: E402
-from vision_attn.attention import lsh as lsh_module  # noqa: E402
-from vision_attn.attention import neighborhood as nb  # noqa: E402
-from vision_attn.attention import routed as routed_module  # noqa: E402
-from vision_attn.attention.rel_pos import new_bias_table  # noqa: E402
-from vision_attn.attention.window import PER_HEAD_MIN_WINDOWS  # noqa: E402
-from vision_attn.bench.common import interleaved, machine, markdown_table, median  # noqa: E402
-from vision_attn.variants import VARIANTS  # noqa: E402
+from vision_attn.attention import AttnSpec, attention_kinds, create_attention
+from vision_attn.attention import lsh as lsh_module
+from vision_attn.attention import neighborhood as nb
+from vision_attn.attention import routed as routed_module
+from vision_attn.attention.rel_pos import new_bias_table
+from vision_attn.attention.window import PER_HEAD_MIN_WINDOWS
+from vision_attn.bench import model as model_bench  # timm's Swin runs its fused SDPA attention (timm's default)
+from vision_attn.bench.common import interleaved, machine, markdown_table, median
+from vision_attn.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -219,7 +219,9 @@ KIND_SHAPE = (2, 13, 11)  # batch, H, W: neither a multiple of the window nor of
 TOL = {("fp32", "cpu"): (1e-5, 1e-5), ("fp32", "cuda"): (1e-4, 1e-4),
        ("bf16", "cpu"): (5e-2, 1e-1), ("bf16", "cuda"): (5e-2, 1e-1)}
 # Discrete choices that rounding may flip: replayed from the run under test into the reference.
-DECISIONS: dict[str, tuple[Any, str]] = {"lsh": (lsh_module, "lsh_hash"), "routed": (routed_module, "route")}
+# (module, function, whether the choice is a set: routed's top-k regions in any order are the same)
+DECISIONS: dict[str, tuple[Any, str, bool]] = {"lsh": (lsh_module, "lsh_hash", False),
+                                               "routed": (routed_module, "route", True)}
 
 
 @dataclass
@@ -238,7 +240,7 @@ def _decisions(kind: str, record: list[torch.Tensor], replay: Optional[list[torc
     if kind not in DECISIONS:
         yield
         return
-    module, name = DECISIONS[kind]
+    module, name, _ = DECISIONS[kind]
     real = getattr(module, name)
     queue = list(replay) if replay is not None else None
 
@@ -314,13 +316,15 @@ def rel_diffs(test: Run, ref: Run) -> dict[str, float]:
     return diffs
 
 
-def _decision_share(test: list[torch.Tensor], own: list[torch.Tensor]) -> Optional[float]:
-    """Share of the reference's own discrete choices that the run under test made differently."""
+def _decision_share(kind: str, test: list[torch.Tensor], own: list[torch.Tensor]) -> Optional[float]:
+    """Share of the reference's own discrete choices that the run under test made differently
+    (lsh: each key's bucket; routed: each region's set of gathered regions, per entry)."""
     if not test:
         return None
     differ = total = 0
     for a, b in zip(test, own):
-        a, b = a.sort(-1).values, b.sort(-1).values  # routed: the same regions in another order agree
+        if DECISIONS[kind][2]:
+            a, b = a.sort(-1).values, b.sort(-1).values
         differ += int((a != b).sum())
         total += a.numel()
     return differ / max(total, 1)
@@ -378,13 +382,13 @@ def compare_module(kind: str, build: Callable[[], nn.Module], shape: tuple[int, 
                           profile=True)
     own = run_module(kind, build, state, x, grad_out, CPU, ref_dtype, False, train) if test.decisions else None
     ref = run_module(kind, build, state, x, grad_out, CPU, ref_dtype, False, train, replay=test.decisions)
-    share = _decision_share(test.decisions, own.decisions) if own is not None else None
+    share = _decision_share(kind, test.decisions, own.decisions) if own is not None else None
     tol = tuple(t * tol_scale for t in TOL[(precision, device.type)])
     return Comparison(rel_diffs(test, ref), tol, test.kernels, share)  # type: ignore[arg-type]
 
 
-def _verdict(cmp: Comparison, prefix: str = "") -> str:
-    text = prefix + cmp.figures()
+def _verdict(cmp: Comparison) -> str:
+    text = cmp.figures()
     if not cmp.ok:
         raise CheckFailed("over tolerance: " + text)
     return text
@@ -416,7 +420,7 @@ SDPA_ROUTES: dict[str, tuple[str, dict[str, Any], tuple[int, int, int], bool]] =
 
 
 def _spec(**overrides: Any) -> AttnSpec:
-    return AttnSpec(**{**KIND_SPEC.__dict__, **overrides})
+    return dataclasses.replace(KIND_SPEC, **overrides)
 
 
 def sdpa_route_check(route: str) -> Callable[[Ctx], str]:
@@ -577,7 +581,7 @@ def _timed(fn: Callable[[], object], device: torch.device, bf16: bool = True) ->
     return run
 
 
-def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: int = 10) -> str:
+def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: int = 10, warmup: int = 2) -> str:
     """Our Swin-T vs timm's, same random weights: training and inference images/s, bf16 autocast."""
     name = model_bench.TIMM_NAMES["tiny"]
     import timm
@@ -593,9 +597,9 @@ def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: in
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     train = interleaved({n: _timed(model_bench._train_step(m, x, y, torch.optim.SGD(m.parameters(), lr=1e-4)), device)
-                         for n, m in (("ours", ours), ("timm", theirs))}, reps, warmup=2)
+                         for n, m in (("ours", ours), ("timm", theirs))}, reps, warmup)
     infer = interleaved({n: _timed(model_bench._infer(m, x), device) for n, m in (("ours", ours), ("timm", theirs))},
-                        reps, warmup=2)
+                        reps, warmup)
     ips = {f"{k}|{n}": batch / median(t[n]) for k, t in (("train", train), ("infer", infer)) for n in t}
     return (f"{img}², batch {batch}, bf16 autocast, median of {reps}: train ours {ips['train|ours']:.0f} img/s, "
             f"timm {ips['train|timm']:.0f} img/s ({ips['train|ours'] / ips['train|timm']:.2f}x); "
