@@ -44,7 +44,7 @@ class Probe(L.Callback):
             self.test.append(params(pl_module))
 
 
-def fit(tmp_path, decay=DECAY, max_epochs=2, crash_at=None, resume=False):
+def fit(tmp_path, decay=DECAY, max_epochs=2, crash_at=None, resume=False, extra=()):
     L.seed_everything(5, workers=True)
     dm = ShapesDataModule(image_size=32, batch_size=16, train_size=64, val_size=16, test_size=16)
     module = ClassificationModule(dict(variant="swin", size="pico", embed_dim=16), 8, 32, OPTIM)
@@ -52,6 +52,7 @@ def fit(tmp_path, decay=DECAY, max_epochs=2, crash_at=None, resume=False):
     probe = Probe()
     callbacks = [ema(decay), probe, ModelCheckpoint(dirpath=ckpt_dir, filename="e{epoch}", auto_insert_metric_name=False, save_top_k=-1),
                  FaultTolerance(str(ckpt_dir), every_n_train_steps=3)]
+    callbacks += list(extra)
     if crash_at:
         callbacks.append(CrashAtStep(crash_at))
     trainer = L.Trainer(max_epochs=max_epochs, deterministic=True, logger=False, callbacks=callbacks,
@@ -133,3 +134,21 @@ def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
         callbacks = instantiate_group(cfg.callbacks)
         found = [c for c in callbacks if isinstance(c, EMA)]
         assert len(found) == expected and all(c is not None for c in callbacks)
+
+
+class SaveMidValidation(L.Callback):
+    """Writes a checkpoint in the middle of the last validation, as a SIGTERM there does."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0 and not trainer.sanity_checking and trainer.current_epoch == 1:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_written_mid_validation_keeps_ema_and_raw_apart(tmp_path):
+    _, _, probe, _ = fit(tmp_path, extra=[SaveMidValidation(tmp_path / "mid.ckpt")])
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    assert torch.allclose(flat(ckpt["state_dict"]), probe.val[1], atol=1e-6)  # the EMA
+    assert torch.allclose(flat(ckpt["current_model_state"]), probe.raw[-1], atol=1e-6)  # the raw weights

@@ -186,8 +186,25 @@ class EMA(EMAWeightAveraging):
     checkpoints hold the EMA weights as ``state_dict`` and the raw ones as ``current_model_state``,
     with the average's own state, so a resumed run continues both exactly. Outside ``fit``
     (``trainer.test(ckpt_path=...)``) the checkpoint's ``state_dict``, the EMA weights, is what
-    the model keeps: Lightning would put the raw weights back.
+    the model keeps: Lightning would put the raw weights back. A checkpoint written during
+    validation (a SIGTERM there) keeps the same layout, although the weights are swapped then.
     """
+
+    _swapped = False  # True inside validation, while the model holds the EMA weights
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)
+        self._swapped = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._swapped and "current_model_state" in checkpoint:  # saved mid-validation (SIGTERM)
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"], checkpoint["state_dict"])
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
