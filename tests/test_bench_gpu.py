@@ -231,3 +231,18 @@ def test_lsh_bf16_needs_its_hash_buckets_replayed(tmp_path: Path, monkeypatch) -
     assert gpu.main(["--no-cuda", "--only", "attention lsh cpu bf16", "--out", str(tmp_path)]) == 1
     row = table_rows((tmp_path / "gpu_check.md").read_text())[0]
     assert row[3] == "FAIL" and float(re.search(r"out (\S+),", row[4]).group(1)) > 0.1
+
+
+def test_time_budget_skips_rows_that_would_overrun_it(tmp_path: Path) -> None:
+    assert gpu.main(["--no-cuda", "--only", "attention window cpu fp32|ddp", "--budget-s", "0",
+                     "--out", str(tmp_path)]) == 0
+    rows = table_rows((tmp_path / "gpu_check.md").read_text())
+    assert [r[3] for r in rows] == ["skipped: time budget", NO_CUDA]
+    assert rows[0][4] == "not started: 0 s of --budget-s left, it needs 0; run it alone with --only"
+    # A compiled row (on a CUDA machine) starts only with COMPILE_NEEDS_S of the budget left.
+    ran: list[int] = []
+    check = gpu.Check("train step swin tiny", "+ model.compile", lambda ctx: str(ran.append(1)), device="cuda",
+                      needs_s=gpu.COMPILE_NEEDS_S["tiny"])
+    ctx = gpu.Ctx(gpu.CPU, quick=True)
+    assert gpu.run_check(check, ctx, has_cuda=True, left_s=149).result == "skipped: time budget" and not ran
+    assert gpu.run_check(check, ctx, has_cuda=True, left_s=151).result == "pass" and ran == [1]
