@@ -811,7 +811,9 @@ def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]
     p.add_argument("--list", action="store_true", help="print the rows that would run, run nothing")
     p.add_argument("--tol-scale", type=float, default=1.0, help="multiply every tolerance (0 makes them fail)")
     p.add_argument("--budget-s", type=float, default=420.0,
-                   help="start no row after this many seconds (the rest: 'skipped: time budget')")
+                   help="start no row after this many seconds, a compiled one only with 60 s (pico) or 150 s "
+                        "(tiny) of it left: the rest say 'skipped: time budget' (default 420: meant to end within ~8 "
+                        "minutes on one H100, not yet measured there)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op CPU threads (default: 1 for the CPU dry run, where a co-running job turns every "
                         "OpenMP region into a stall; torch's default with CUDA; 0 = torch's default)")
