@@ -37,6 +37,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .errors import ConfigError, TrainingDiverged
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -46,35 +47,9 @@ LAST = "last.ckpt"
 # --- atomic checkpoint files ----------------------------------------------------------------
 
 
-def _fsync_dir(path: str) -> None:
-    with suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` via ``.<name>.<pid>.tmp`` in the same directory + fsync + ``os.replace``."""
-    path = os.path.abspath(os.fspath(path))
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
-        with suppress(OSError):  # left by a process killed while writing
-            os.remove(stale)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(folder)
+    """``torch.save`` to ``path`` atomically (:func:`vision_attn.files.atomic_write`)."""
+    atomic_write(os.fspath(path), lambda f: torch.save(obj, f))
 
 
 REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
