@@ -11,6 +11,7 @@ BENCHES = {
     "data": "vision_attn.bench.data",
     "knobs": "vision_attn.bench.knobs",
     "gpu": "vision_attn.bench.gpu",
+    "resolution": "vision_attn.bench.resolution",
 }
 
 
