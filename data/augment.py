@@ -97,7 +97,7 @@ class AugmentConfig:
                 f"data.augment.recipe={recipe!r} is not a recipe; choose augment={' | augment='.join([*RECIPES, AUTO])}"
             )
         given = {k: v for k, v in values.items() if v is not None}  # null = the recipe's (or the default)
-        if str(given.get("randaugment", "")).lower() == "off":
+        if given.get("randaugment") is False or str(given.get("randaugment", "")).lower() == "off":  # YAML: off = False
             given["randaugment"] = None
         values = {**RECIPES.get(recipe, {}), **given}
         for key in ("scale", "ratio", "cutmix_minmax"):

@@ -75,6 +75,8 @@ class GuardedOp:
             level.magnitude, level.args = None, ()
         try:
             return self.op(img)
+        except MemoryError:
+            raise
         except Exception as e:
             drawn = f"magnitude {level.magnitude:.3g} (argument {level.args})" if level and level.magnitude is not None else "no magnitude"
             raise AugmentationError(
@@ -120,6 +122,8 @@ class GuardedCompose(transforms.Compose):
                 img = step(img)
             except AugmentationError as e:
                 raise AugmentationError(f"{e} [{where}]; this is a bug in the augmentation, not a bad file") from e
+            except MemoryError:
+                raise
             except Exception as e:
                 raise AugmentationError(
                     f"transform {type(step).__name__} failed on {where}: {type(e).__name__}: {e}; "

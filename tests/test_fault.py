@@ -62,12 +62,30 @@ def test_crash_during_save_leaves_previous_last_ckpt_intact(tmp_path, monkeypatc
     assert os.listdir(path.parent) == ["last.ckpt"]  # the temp file is gone too
 
 
-def test_stale_temp_file_from_a_killed_writer_is_ignored_and_cleaned(tmp_path):
+def test_stale_temp_file_from_a_killed_writer_is_cleaned_but_live_and_remote_writers_are_left(tmp_path):
+    import socket
+
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     path = tmp_path / "last.ckpt"
-    (tmp_path / ".last.ckpt.99999.tmp").write_bytes(b"truncated")  # a writer killed mid-write
+    killed = tmp_path / f".last.ckpt.{host}-{int(dead.stdout)}.tmp"  # a writer killed mid-write
+    live = tmp_path / f".last.ckpt.{host}-{os.getppid()}.tmp"  # a writer still writing
+    remote = tmp_path / ".last.ckpt.othernode-1.tmp"  # another host of a shared file system
+    for temp in (killed, live, remote):
+        temp.write_bytes(b"truncated")
     atomic_torch_save({"global_step": 3}, str(path))
     assert torch.load(path, weights_only=True) == {"global_step": 3}
-    assert sorted(os.listdir(tmp_path)) == ["last.ckpt"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.ckpt", live.name, remote.name])
+
+
+def test_a_checkpoint_written_on_a_gpu_loads_onto_the_cpu(tmp_path, monkeypatch):
+    """Tensors saved from cuda:0 come back on the CPU (a CPU-only machine, DDP ranks not all on cuda:0)."""
+    path = str(tmp_path / "gpu.ckpt")
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save({"state_dict": {"w": torch.ones(2)}, "global_step": 5}, path)
+    monkeypatch.undo()
+    loaded = AtomicCheckpointIO().load_checkpoint(path)
+    assert loaded["state_dict"]["w"].device.type == "cpu" and loaded["global_step"] == 5
 
 
 # --- checkpoint contents --------------------------------------------------------------------------

@@ -136,3 +136,17 @@ def test_augmentation_failure_is_not_a_config_error_in_train(tmp_path):
 
     error = AugmentationError("RandAugment op X failed")
     assert config_error_in(error) is None
+
+
+def test_out_of_memory_inside_an_op_is_not_reported_as_an_augmentation_bug(photos):
+    transform = train_transform(SIZE, RESIZE, AugmentConfig(randaugment="rand-m9-mstd0.5-inc1"))
+
+    def oom(img, *args, **kwargs):
+        raise MemoryError
+
+    randaugment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    op = randaugment.ops[0]
+    op.op.aug_fn, op.prob = oom, 1.0
+    randaugment.ops, randaugment.num_layers = [op], 1
+    with pytest.raises(MemoryError):
+        transform(photos["rgb"])

@@ -99,3 +99,11 @@ def test_randaugment_off_beats_the_recipe(tree):
     dm = instantiate(cfg.data)
     assert dm.augment.randaugment is None and dm.augment.mixup == 0.8
     assert not any(isinstance(t, RandAugment) for t in steps(dm))
+
+
+def test_randaugment_off_written_in_yaml_is_off(tmp_path):
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(OmegaConf.create("recipe: imagenet\nrandaugment: off\n"))
+    assert values["randaugment"] is False  # what YAML makes of "off"
+    assert AugmentConfig.from_mapping(values).randaugment is None

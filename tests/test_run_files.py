@@ -22,7 +22,7 @@ from vision_attn.loggers import read_run_id, write_run_id
 @pytest.fixture
 def logged_in(monkeypatch, tmp_path):
     """A W&B API key, no WANDB_MODE: what a compute node with a shared ~/.netrc looks like."""
-    for key in ("WANDB_MODE", "WANDB_BASE_URL"):
+    for key in ("WANDB_MODE", "WANDB_BASE_URL", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -47,6 +47,12 @@ def test_logged_in_without_a_route_to_wandb_logs_offline_and_says_why(logged_in,
     assert loggers.wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert loggers.wandb_mode() == "disabled"  # the user's explicit choice is never probed or changed
+
+
+def test_behind_a_proxy_there_is_no_direct_probe(logged_in, monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.cluster:3128")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed past the proxy"))
+    assert loggers.wandb_mode() == "online"  # a failed start still falls back (next test)
 
 
 def test_failed_online_wandb_init_falls_back_to_an_offline_run_in_the_run_dir(logged_in, monkeypatch, tmp_path, caplog):

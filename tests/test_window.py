@@ -250,3 +250,13 @@ def test_training_with_a_bias_takes_the_per_head_kernel_from_enough_windows(monk
     for a, b in zip(torch.autograd.grad(ours, (q, k, v, grid), upstream),
                     torch.autograd.grad(ref, (q, k, v, grid), upstream)):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_loading_a_rectangular_windows_bias_table_into_another_window_names_both_shapes():
+    from vision_attn.errors import ConfigError
+
+    rectangular = WindowAttention(8, 2, AttnSpec(window_size=(5, 7))).state_dict()  # 9 x 13 = 117 rows
+    square = WindowAttention(8, 2, AttnSpec(window_size=7))
+    with pytest.raises(ConfigError, match=r"relative_position_bias_table: the checkpoint's bias table \(117, 2\) "
+                                          r"does not fit this model's \(169, 2\)"):
+        square.load_state_dict(rectangular)

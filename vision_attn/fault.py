@@ -60,14 +60,21 @@ def is_remote(path: Any) -> bool:
     return bool(REMOTE.match(str(path)))
 
 
+def _on_cpu(storage: Any, location: str) -> Any:
+    return storage
+
+
 def load_checkpoint_file(path: str, map_location: Any = None, mmap: bool = False) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``: a checkpoint holding pickled Python objects (which
-    could run code) or an unreadable file raises :class:`ConfigError` naming the file."""
+    """``torch.load(path, weights_only=True)``, onto the CPU unless ``map_location`` says otherwise
+    (as Lightning's own loader: a GPU-written checkpoint loads anywhere, and DDP ranks do not all
+    land on cuda:0). A checkpoint holding pickled Python objects (which could run code) or an
+    unreadable file raises :class:`ConfigError` naming the file."""
     if is_remote(path):
         raise ConfigError(f"checkpoint {path}: remote checkpoints are not loaded; download it first "
                           "(e.g. curl -o model.ckpt <url>) and pass the local file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        return torch.load(path, map_location=_on_cpu if map_location is None else map_location,
+                          weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(

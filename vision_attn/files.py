@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 from contextlib import suppress
 from typing import IO, Any, Callable
 
@@ -22,18 +23,32 @@ def fsync_dir(path: str) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
-    """``write(f)`` into ``.<name>.<pid>.tmp`` beside ``path``, fsync, ``os.replace`` it over ``path``.
+def _dead(pid: str) -> bool:
+    """True when no process ``pid`` runs on this host."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OSError):
+        return False
+    return False
 
-    Temporary files left by a process killed while writing are removed first.
+
+def atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(f)`` into ``.<name>.<host>-<pid>.tmp`` beside ``path``, fsync, ``os.replace`` it over ``path``.
+
+    Temporary files that a process on this host left when it was killed while writing are removed
+    first; a live writer's, or another host's (a shared file system), are left alone.
     """
     path = os.path.abspath(os.fspath(path))
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
-        with suppress(OSError):
-            os.remove(stale)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    host = socket.gethostname().replace(".", "_").replace("-", "_")
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")):
+        if _dead(stale.rsplit("-", 1)[-1].removesuffix(".tmp")):
+            with suppress(OSError):
+                os.remove(stale)
+    tmp = os.path.join(folder, f".{name}.{host}-{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -54,6 +54,8 @@ def wandb_mode() -> str:
         return os.environ["WANDB_MODE"]
     if not wandb_logged_in():
         return "offline"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return "online"  # only the proxy knows the way: a failed start falls back (FallbackWandbLogger)
     problem = wandb_reachable()
     if problem is not None:
         log.warning(f"W&B: logged in, but {problem}: logging offline in the run directory; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .global_tokens import global_token_attention
 from .registry import AttnSpec
 from .rel_pos import resize_bias_table, table_window
@@ -132,5 +133,11 @@ class QKVAttention(nn.Module):
         key = prefix + "relative_position_bias_table"
         table = getattr(self, "relative_position_bias_table", None)
         if key in state_dict and table is not None and state_dict[key].shape != table.shape:
-            state_dict[key] = resize_bias_table(state_dict[key], self.bias_table_window())
+            try:
+                state_dict[key] = resize_bias_table(state_dict[key], self.bias_table_window())
+            except ValueError as e:  # a rectangular source window cannot be told from its row count
+                raise ConfigError(
+                    f"{key}: the checkpoint's bias table {tuple(state_dict[key].shape)} does not fit this model's "
+                    f"{tuple(table.shape)} ({e}); load it into a model with the checkpoint's model.window_size"
+                ) from e
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
