@@ -113,7 +113,7 @@ def predict_step_s(points: Sequence[Point], res: int, quadratic: bool) -> float:
 
 def skip_reason(points: Sequence[Point], res: int, quadratic: bool, budget_mb: float,
                 max_seconds: float) -> Optional[str]:
-    """Why ``res`` must not run (a larger size of the series already failed, or its predicted
+    """Why ``res`` must not run (a smaller size of the series was skipped or failed, or its predicted
     memory or time is over budget), or None to run it."""
     failed = next((p for p in points if p.skip is not None), None)
     if failed is not None:
