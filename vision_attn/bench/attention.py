@@ -48,7 +48,7 @@ from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
 from vision_attn.attention.window import window_attention_lse
 from vision_attn.attention import neighborhood as nb
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
-from vision_attn.bench.common import interleaved, machine, markdown_table
+from vision_attn.bench.common import interleaved, machine, markdown_table, save_loglog_figure
 from vision_attn.memory import proc_status_kib, reset_cpu_peak
 
 B, HEADS, HEAD_DIM, KERNEL = 2, 3, 32, 7
@@ -321,17 +321,9 @@ def plot(rows: list[dict], path: Path) -> None:
         mem = [(t, r["peak_mb"]) for t, r in zip(tokens, pts) if r.get("peak_mb") is not None]
         if mem:
             axes[1].plot(*zip(*mem), label=kind, **styles[kind])
-    for ax, ylabel in zip(axes, ("forward+backward time (ms, median)", "peak memory growth (MB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("tokens (H*W)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=9, frameon=False)
-    fig.suptitle(f"attention kernels, B={B} heads={HEADS} D={HEAD_DIM} k={KERNEL}, with bias")
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_loglog_figure(fig, axes, "tokens (H*W)", ("forward+backward time (ms, median)", "peak memory growth (MB)"),
+                       f"attention kernels, B={B} heads={HEADS} D={HEAD_DIM} k={KERNEL}, with bias", path,
+                       right=0.85, fontsize=9)
 
 
 # ----------------------------------------------------------------------------- CLI

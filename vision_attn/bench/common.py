@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: interleaved repetitions, medians, markdown."""
+"""Helpers shared by the benchmarks: interleaved repetitions, medians, markdown tables, log-log figures."""
 from __future__ import annotations
 
 import platform
@@ -42,3 +42,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def save_loglog_figure(fig, axes, xlabel: str, ylabels: Sequence[str], title: str, path, right: float = 0.8,
+                       fontsize: int = 8) -> None:
+    """Log-log panels with grids and labels, one legend (the first panel's) on the right, saved."""
+    import matplotlib.pyplot as plt
+
+    for ax, ylabel in zip(axes, ylabels):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=fontsize, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, right, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

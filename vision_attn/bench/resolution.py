@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from vision_attn.bench.common import machine, markdown_table, median
+from vision_attn.bench.common import machine, markdown_table, median, save_loglog_figure
 from vision_attn.memory import cpu_peak_kib, proc_status_kib
 from vision_attn.variants import VARIANTS
 
@@ -265,17 +265,8 @@ def plot(series: Sequence[Series], path: Path) -> None:
         px = [p.pixels for p in pts]
         axes[0].plot(px, [p.peak_mb for p in pts], label=s.label, **style)
         axes[1].plot(px, [p.step_s for p in pts], label=s.label, **style)
-    for ax, ylabel in zip(axes, ("peak memory (MB)", "time per training step (s, median)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("pixels (H*W)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("training step (batch 1) against resolution")
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_loglog_figure(fig, axes, "pixels (H*W)", ("peak memory (MB)", "time per training step (s, median)"),
+                       "training step (batch 1) against resolution", path)
 
 
 # ----------------------------------------------------------------------------- CLI
