@@ -32,6 +32,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage, TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -241,9 +242,15 @@ class FaultTolerance(L.Callback):
         self._last_step_saved = step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Runs after the epoch's validation and ModelCheckpoint.on_validation_end (Lightning
-        # calls the epoch-end hooks after the validation loop), so the best-k state is current.
+        # Runs after the epoch's validation (Lightning calls the epoch-end hooks after the validation
+        # loop). A ModelCheckpoint that saves at train epoch end (Lightning's default when validation
+        # runs once an epoch) comes after this callback (Lightning moves checkpoint callbacks last):
+        # let it save first, so last.ckpt holds this epoch's best-k state. It saves once per step,
+        # so its own call later is a no-op.
         if not trainer.sanity_checking:
+            for callback in trainer.checkpoint_callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback.on_train_epoch_end(trainer, pl_module)
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self._last_step_saved = trainer.global_step
 
