@@ -248,3 +248,13 @@ def test_layer_scale_and_conv_stem_options():
     assert type(model.patch_embed).__name__ == "ConvTokenizer"
     assert type(model.layers[1].downsample).__name__ == "ConvDownsample"
     assert model(torch.randn(1, 3, 37, 45)).shape == (1, 3)
+
+
+def test_pretrained_file_with_pickled_objects_is_refused_naming_it(tmp_path):
+    """``model.pretrained=<file>`` loads like every checkpoint: weights_only=True, a clear error."""
+    import argparse
+
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(ConfigError, match=f"checkpoint {path} cannot be loaded with weights_only=True"):
+        va.create_model("swin", "pico", num_classes=3, img_size=32, pretrained=str(path))

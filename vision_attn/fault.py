@@ -20,9 +20,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import pickle
 import random
-import re
 import signal
 from contextlib import suppress
 from types import FrameType
@@ -38,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from .errors import ConfigError, TrainingDiverged
-from .files import atomic_write
+from .files import atomic_write, is_remote, load_checkpoint_file
 
 log = logging.getLogger(__name__)
 
@@ -51,43 +49,6 @@ LAST = "last.ckpt"
 def atomic_torch_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` atomically (:func:`vision_attn.files.atomic_write`)."""
     atomic_write(os.fspath(path), lambda f: torch.save(obj, f))
-
-
-REMOTE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def is_remote(path: Any) -> bool:
-    """A URL (``https://``, ``s3://``, ...) rather than a local file."""
-    return bool(REMOTE.match(str(path)))
-
-
-def _on_cpu(storage: Any, location: str) -> Any:
-    return storage
-
-
-def load_checkpoint_file(path: str, map_location: Any = None, mmap: bool = False) -> dict[str, Any]:
-    """``torch.load(path, weights_only=True)``, onto the CPU unless ``map_location`` says otherwise
-    (as Lightning's own loader: a GPU-written checkpoint loads anywhere, and DDP ranks do not all
-    land on cuda:0). A checkpoint holding pickled Python objects (which could run code) or an
-    unreadable file raises :class:`ConfigError` naming the file."""
-    if is_remote(path):
-        raise ConfigError(f"checkpoint {path}: remote checkpoints are not loaded; download it first "
-                          "(e.g. curl -o model.ckpt <url>) and pass the local file")
-    try:
-        return torch.load(path, map_location=_on_cpu if map_location is None else map_location,
-                          weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ConfigError(
-            f"checkpoint {path} cannot be loaded with weights_only=True: it holds pickled Python objects "
-            f"({reason}). Checkpoints written by this repo hold only tensors and plain containers; re-save "
-            "this one's tensors as plain containers, and only if you trust where it came from"
-        ) from e
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # truncated / not a torch file
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).strip()[:200]}); "
-                          "it is corrupt or not a torch checkpoint") from e
 
 
 def _floating(tensors: Any) -> list[torch.Tensor]:

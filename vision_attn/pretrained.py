@@ -9,6 +9,7 @@ from torch import nn
 
 from .backbone import VisionAttnTransformer
 from .errors import ConfigError
+from .files import load_checkpoint_file
 from .variants import VARIANTS
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_checkpoint_file(path)  # weights_only=True, on the CPU; a pickled file is a ConfigError
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]
