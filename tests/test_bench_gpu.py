@@ -246,3 +246,17 @@ def test_time_budget_skips_rows_that_would_overrun_it(tmp_path: Path) -> None:
     ctx = gpu.Ctx(gpu.CPU, quick=True)
     assert gpu.run_check(check, ctx, has_cuda=True, left_s=149).result == "skipped: time budget" and not ran
     assert gpu.run_check(check, ctx, has_cuda=True, left_s=151).result == "pass" and ran == [1]
+
+
+def test_a_failed_child_is_reported_by_its_exception_line_not_its_last_output() -> None:
+    """train.py's failure on a GPU read "exit 1: Total FLOPs: 39.6 M" (its last stdout line); the row
+    must name the exception."""
+    proc = subprocess.CompletedProcess(
+        [], 1, stdout="Epoch 0\nTotal FLOPs: 39.6 M\n",
+        stderr="Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+               "RuntimeError: expected scalar type Float but found BFloat16\n\nSet HYDRA_FULL_ERROR=1 for a trace.\n")
+    assert gpu._tail(proc) == "RuntimeError: expected scalar type Float but found BFloat16"
+    warn_only = subprocess.CompletedProcess([], 1, stdout="last\n", stderr="UserWarning: x\nkilled by signal\n")
+    assert gpu._tail(warn_only) == "killed by signal"
+    assert gpu._tail(subprocess.CompletedProcess([], 1, stdout="a\nb\n", stderr="")) == "b"
+    assert gpu._tail(subprocess.CompletedProcess([], 1, stdout="", stderr="")) == "(no output)"

@@ -252,6 +252,32 @@ def test_training_with_a_bias_takes_the_per_head_kernel_from_enough_windows(monk
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
+def test_per_head_kernel_under_bf16_autocast_with_mixed_input_dtypes(input_dtype, monkeypatch):
+    """Under autocast the per-head kernel's inputs and intermediates can differ in dtype (CUDA's
+    autocast runs softmax in fp32): its explicit backward once failed with "expected scalar type
+    Float but found BFloat16" on a GPU (``make gpu-check``). fp32 inputs under CPU autocast hit the
+    same backward; the result must also be right, to bf16 accuracy, against float64 brute force."""
+    from vision_attn.attention import window as window_module
+
+    monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 0)
+    q64, k64, v64 = qkv(2, 3, 8, 8, 8)
+    grid64 = torch.randn(3, 7, 7, dtype=torch.float64, requires_grad=True)
+    leaves = [t.detach().to(input_dtype).requires_grad_() for t in (q64, k64, v64)]
+    grid = grid64.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = window_attention(*leaves, 4, 2, grid)
+    assert ours.dtype == torch.bfloat16
+    ref = window_reference(q64, k64, v64, 4, 2, grid64)
+    upstream = torch.randn_like(ref)
+    got = torch.autograd.grad(ours, leaves + [grid], upstream.to(ours.dtype))
+    want = torch.autograd.grad(ref, (q64, k64, v64, grid64), upstream)
+    for name, a, b in zip("out q k v bias".split(), (ours,) + got, (ref,) + want):
+        assert a.dtype == (torch.bfloat16 if name == "out" else torch.float32 if name == "bias" else input_dtype)
+        err = (a.double() - b).abs().max() / b.abs().max()
+        assert err < 5e-2, f"{name}: relative error {err:.3g}"
+
+
 def test_loading_a_rectangular_windows_bias_table_into_another_window_names_both_shapes():
     from vision_attn.errors import ConfigError
 

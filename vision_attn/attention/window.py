@@ -213,6 +213,20 @@ class _WindowAttentionFunction(torch.autograd.Function):
                 _stack_heads(dv, B) if need_v else None, torch.stack(dmask, 1).to(grad.dtype) if need_mask else None, None)
 
 
+def _per_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """:class:`_WindowAttentionFunction` in one dtype, with autocast off inside it.
+
+    Under autocast the kernel's ops would each pick their own dtype (CUDA autocast runs softmax in
+    fp32, bmm in bf16), and its hand-written backward, which autocast does not cover, would then
+    multiply fp32 by bf16. So everything is cast once to autocast's dtype (else q's) up front.
+    """
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    with torch.autocast(dev, enabled=False):
+        return _WindowAttentionFunction.apply(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), scale)
+
+
 def windowed_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -234,7 +248,7 @@ def windowed_sdpa(
     if mask is not None and mask.requires_grad and torch.is_grad_enabled():
         if dropout_p == 0.0 and q.shape[0] * q.shape[1] >= PER_HEAD_MIN_WINDOWS:  # training the bias
             mask = mask if mask.dim() == 4 else mask[None]
-            return _WindowAttentionFunction.apply(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+            return _per_head_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
         # Few windows, or attention dropout: SDPA's math path (5-D: the mask broadcasts over the batch).
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
     # Otherwise fold (B, nW) into one batch dim: 4-D inputs reach the fused (flash) CPU/GPU kernels.

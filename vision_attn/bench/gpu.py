@@ -663,8 +663,18 @@ def run_train(args: list[str], tmp: Path, timeout: int = 600) -> subprocess.Comp
                           capture_output=True, text=True, timeout=timeout)
 
 
+_ERROR_LINE = re.compile(r"^(\w+\.)*\w*(Error|Exception|Interrupt)\b|^Error\b")
+
+
 def _tail(proc: subprocess.CompletedProcess) -> str:
-    lines = [ln for ln in (proc.stderr + proc.stdout).strip().splitlines() if ln.strip()]
+    """The line that says why a child failed: its last exception line (stderr first), else the
+    last line of stderr, else of stdout."""
+    for stream in (proc.stderr, proc.stdout):
+        lines = [ln.strip() for ln in stream.strip().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if _ERROR_LINE.match(ln)]
+        if errors or (lines and stream is proc.stderr):
+            return (errors or lines)[-1][:240]
+    lines = proc.stdout.strip().splitlines()
     return lines[-1][:240] if lines else "(no output)"
 
 
