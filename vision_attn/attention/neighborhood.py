@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from . import fused
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
@@ -436,7 +437,26 @@ def neighborhood_attention(
     py, px = neighborhood_patterns(q.shape[2], q.shape[3], kernel_size, dilation)
     if _natten_available_for(q, bias):
         return _natten_na2d(q, k, v, py, px, scale)
-    return tiled_attention(q, k, v, py, px, bias, scale)
+    return neighborhood_kernel(q, k, v, py, px, bias, scale)
+
+
+def neighborhood_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    py: AxisPattern,
+    px: AxisPattern,
+    grid: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    return_lse: bool = False,
+) -> Any:
+    """Neighborhood patterns ``py`` x ``px`` through the fused CPU kernel where it applies (CPU, no
+    attention dropout, ``$VISION_ATTN_NA_KERNEL``: see :mod:`.fused`), else :func:`tiled_attention`."""
+    if dropout_p == 0.0 and fused.use_fused(q):
+        return fused.fused_neighborhood(q, k, v, (py.kernel, px.kernel), (py.dilation, px.dilation), grid,
+                                        q.shape[-1] ** -0.5 if scale is None else scale, return_lse)
+    return tiled_attention(q, k, v, py, px, grid, scale, dropout_p, return_lse)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -486,10 +506,14 @@ class NeighborhoodAttention(TiledAttentionModule):
         return neighborhood_patterns(H, W, self.kernel_size, self.dilation)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        grid = self.bias_grid()
+        grid, patterns = self.bias_grid(), self.patterns(q.shape[2], q.shape[3])
         if self.dropout_p == 0.0 and _natten_available_for(q, grid):
-            return _natten_na2d(q, k, v, *self.patterns(q.shape[2], q.shape[3]), self.scale)
-        return super().attend(q, k, v)
+            return _natten_na2d(q, k, v, *patterns, self.scale)
+        return neighborhood_kernel(q, k, v, *patterns, grid, self.scale, self.dropout_p)
+
+    def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        patterns = self.patterns(q.shape[2], q.shape[3])
+        return neighborhood_kernel(q, k, v, *patterns, self.bias_grid(), self.scale, self.dropout_p, return_lse=True)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, kernel={self.kernel_size}, dilation={self.dilation}"

@@ -1,0 +1,585 @@
+// Fused exact (dilated) neighborhood attention on CPU: forward and backward with the relative
+// position bias, float32 and float64, plain C ABI (loaded with ctypes; built by
+// vision_attn/attention/fused.py).
+//
+// Semantics, per axis of length L, kernel k, dilation d: position i is in group g = i % d at group
+// coordinate j = i / d; the group has Lg = ceil((L - g) / d) positions and its window starts at
+// s = clamp(j - k/2, 0, Lg - k): taps t = 0..k-1 are keys at group coordinates s + t, and the bias
+// is indexed by the offset s + t - j. Exactly k*k keys per query: no halo.
+//
+// Layouts (all contiguous); BH = batch * heads, head of row bh = bh % heads.
+//   q, k, v, out, dout, dq, dk, dv: (BH, H, W, D)      qt, kt, vt, gt: (BH, H, D, W) copies
+//   probs, ds: (BH, H, K2, W), K2 = ky * kx             lse, glse: (BH, H, W)
+//   bias, dbias: (heads, Sy, Sx), centred at ((Sy-1)/2, (Sx-1)/2)
+//
+// Work is vectorised over bands of VL consecutive queries of a row whose windows are centred on them
+// (interior columns, any dilation): tap t of query x+i is then column x+i + d (t - r), consecutive
+// across the band, so every product is a vertical vector operation on the (D, W) copies, with no
+// horizontal sums. Border columns take a per-query path on the (W, D) layout. Backward: pass 1
+// per query (ds, dq, bias gradient), pass 2 per key over its inverse neighbourhood (dk, dv): no
+// scatter, no atomics. Rows are split over threads.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+namespace {
+
+template <class T>
+constexpr int VL = 64 / sizeof(T);  // queries per band: one 512-bit vector (two 256-bit ones on AVX2)
+
+struct Axis {
+  int L, k, step, r;
+  std::vector<int> kstart, boff;           // per query: index of tap 0, bias offset of tap 0
+  std::vector<int> qrun, krun;             // banded runs: sliding queries / regular keys from here
+  std::vector<int> inv_ptr, inv_q, inv_t;  // per key: the queries (and their tap) that see it
+
+  Axis(int L_, int k_, int d)
+      : L(L_), k(k_), step(d), r(k_ / 2), kstart(L_), boff(L_), qrun(L_ + 1, 0), krun(L_ + 1, 0),
+        inv_ptr(L_ + 1, 0) {
+    for (int g = 0; g < d; ++g) {
+      const int Lg = (L - g + d - 1) / d;
+      for (int j = 0; j < Lg; ++j) {
+        const int s = std::min(std::max(j - r, 0), Lg - k);
+        kstart[g + d * j] = g + d * s;
+        boff[g + d * j] = s - j;
+      }
+    }
+    for (int i = 0; i < L; ++i)
+      for (int t = 0; t < k; ++t) ++inv_ptr[kstart[i] + step * t + 1];
+    for (int m = 0; m < L; ++m) inv_ptr[m + 1] += inv_ptr[m];
+    inv_q.resize(inv_ptr[L]);
+    inv_t.resize(inv_ptr[L]);
+    std::vector<int> fill(inv_ptr.begin(), inv_ptr.end() - 1);
+    for (int i = 0; i < L; ++i)
+      for (int t = 0; t < k; ++t) {
+        const int m = kstart[i] + step * t;
+        inv_q[fill[m]] = i;
+        inv_t[fill[m]++] = t;
+      }
+    // A sliding query i: its window is centred on it, taps i + d * (t - r) (bias offset -r). A
+    // regular key m: seen by exactly the sliding queries m + d * (r - t), through tap t. VL
+    // consecutive sliding queries (or regular keys) form a band: their taps are consecutive too.
+    std::vector<char> sliding(L), regular(L);
+    for (int i = 0; i < L; ++i) sliding[i] = kstart[i] == i - d * r && boff[i] == -r;
+    for (int m = 0; m < L; ++m) {
+      bool ok = inv_ptr[m + 1] - inv_ptr[m] == k;
+      for (int a = inv_ptr[m]; ok && a < inv_ptr[m + 1]; ++a)
+        ok = inv_q[a] == m + d * (r - inv_t[a]) && sliding[inv_q[a]];
+      regular[m] = ok;
+    }
+    for (int i = L - 1; i >= 0; --i) {
+      qrun[i] = sliding[i] ? qrun[i + 1] + 1 : 0;
+      krun[i] = regular[i] ? krun[i + 1] + 1 : 0;
+    }
+  }
+};
+
+template <class F>
+void parallel_for(int64_t n, int threads, F f) {
+  threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  if (threads == 1) {
+    f(0, n, 0);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t step = (n + threads - 1) / threads;
+  for (int t = 1; t < threads; ++t) {
+    const int64_t a = t * step, b = std::min(n, a + step);
+    if (a < b) pool.emplace_back(f, a, b, t);
+  }
+  f(0, std::min(n, step), 0);
+  for (auto& th : pool) th.join();
+}
+
+// D is a compile-time constant for the common head dims (loops unroll and vectorise), else 0.
+template <class T, int D>
+inline T dot(const T* __restrict a, const T* __restrict b, int d) {
+  T acc = 0;
+  const int n = D > 0 ? D : d;
+#pragma omp simd reduction(+ : acc)
+  for (int c = 0; c < n; ++c) acc += a[c] * b[c];
+  return acc;
+}
+
+template <class T, int D>
+inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int d) {
+  const int n = D > 0 ? D : d;
+#pragma omp simd
+  for (int c = 0; c < n; ++c) y[c] += alpha * x[c];
+}
+
+// A row of D accumulators: a local array for the compile-time head dims (kept in registers), else heap.
+template <class T, int D>
+struct Acc {
+  alignas(64) T v[D > 0 ? D : 1];
+  explicit Acc(int) {
+    for (int c = 0; c < D; ++c) v[c] = 0;
+  }
+  T* data() { return v; }
+};
+template <class T>
+struct Acc<T, 0> {
+  std::vector<T> v;
+  explicit Acc(int d) : v(d, T(0)) {}
+  T* data() { return v.data(); }
+};
+
+// exp(x) for x <= 0: Cephes' expf polynomial (about 1 ulp), written so that a loop of it vectorises.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return p * two_n;
+}
+inline double exp_nonpositive(double x) { return std::exp(x); }
+
+// band[t][i] = exp(band[t][i] - mx[i]) and sum[i] += it over the VL lanes: floats as one explicit
+// vector (a fully unrolled 16-lane loop of the polynomial does not vectorise), doubles with std::exp.
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+static_assert(sizeof(vfloat) == VL<float> * sizeof(float), "one band of floats is one vector");
+
+inline vfloat exp_nonpositive(vfloat x) {
+  x = x < -87.0f ? vfloat{} - 87.0f : x;
+  const vfloat y = x * 1.44269504088896341f + 0.5f;
+  const vfloat t = __builtin_convertvector(__builtin_convertvector(y, vint), vfloat);  // trunc(y)
+  const vfloat n = t + __builtin_convertvector(y < t, vfloat);                          // floor(y)
+  const vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vfloat p = vfloat{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);
+}
+
+inline void band_exp(float* band, const float* mx, float* sum, int rows) {
+  vfloat m, s = {};
+  std::memcpy(&m, mx, sizeof m);
+  for (int t = 0; t < rows; ++t) {
+    vfloat e;
+    std::memcpy(&e, band + t * VL<float>, sizeof e);
+    e = exp_nonpositive(e - m);
+    std::memcpy(band + t * VL<float>, &e, sizeof e);
+    s += e;
+  }
+  std::memcpy(sum, &s, sizeof s);
+}
+
+inline void band_exp(double* band, const double* mx, double* sum, int rows) {
+  for (int t = 0; t < rows; ++t)
+    for (int i = 0; i < VL<double>; ++i) {
+      double& s = band[t * VL<double> + i];
+      sum[i] += (s = std::exp(s - mx[i]));
+    }
+}
+
+struct Problem {
+  int BH, heads, H, W, D, ky, kx, K2, Sy, Sx;
+  double scale;
+  int threads;
+  Axis ay, ax;
+  Problem(int BH_, int heads_, int H_, int W_, int D_, int ky_, int dy_, int kx_, int dx_, int Sy_, int Sx_,
+          double scale_, int threads_)
+      : BH(BH_), heads(heads_), H(H_), W(W_), D(D_), ky(ky_), kx(kx_), K2(ky_ * kx_), Sy(Sy_), Sx(Sx_),
+        scale(scale_), threads(threads_), ay(H_, ky_, dy_), ax(W_, kx_, dx_) {}
+  int64_t row(int bh, int y) const { return (int64_t)bh * H + y; }
+  int64_t pos(int bh, int y, int x) const { return row(bh, y) * W + x; }
+  int key_row(int y, int ty) const { return ay.kstart[y] + ay.step * ty; }
+  int key_col(int x, int tx) const { return ax.kstart[x] + ax.step * tx; }
+  int bias_at(int y, int x, int ty, int tx) const {
+    return (ay.boff[y] + ty + (Sy - 1) / 2) * Sx + (ax.boff[x] + tx + (Sx - 1) / 2);
+  }
+  // probs / ds: (BH, H, K2, W)
+  int64_t tap(int bh, int y, int t, int x) const { return (row(bh, y) * K2 + t) * W + x; }
+};
+
+// ------------------------------------------------------------------------------------------- bands
+
+// One band of lanes as an explicit vector (the compiler splits it where vectors are narrower).
+template <class T>
+struct V {
+  typedef T type __attribute__((vector_size(64)));
+};
+template <class T>
+using vec = typename V<T>::type;
+
+template <class T>
+inline vec<T> load(const T* p) {
+  vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <class T>
+inline void store(T* p, vec<T> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// band[t][i] = a(query x+i of row y) . b(its key t) for the VL sliding queries x..x+VL-1, from the
+// (D, W) copies: vertical products only. Taps are taken N at a time, so that N accumulators run
+// side by side (a single chain of D dependent FMAs would wait on each one's latency).
+template <class T, int D, int N>
+inline void band_dots_group(const T* arow, const T* brow, int W, int step, T* band) {
+  vec<T> acc[N] = {};
+  for (int c = 0; c < D; ++c) {
+    const vec<T> a = load(arow + c * W);
+    for (int j = 0; j < N; ++j) acc[j] += a * load(brow + c * W + j * step);
+  }
+  for (int j = 0; j < N; ++j) store(band + j * VL<T>, acc[j]);
+}
+
+template <class T, int D>
+void band_dots(const Problem& P, const T* at, const T* bt, int bh, int y, int x, T* band) {
+  const int W = P.W;
+  const T* arow = at + P.row(bh, y) * D * W + x;
+  for (int ty = 0; ty < P.ky; ++ty) {
+    const T* brow = bt + P.row(bh, P.key_row(y, ty)) * D * W + P.ax.kstart[x];
+    T* o = band + ty * P.kx * VL<T>;
+    int tx = 0;
+    const int st = P.ax.step;
+    for (; tx + 4 <= P.kx; tx += 4) band_dots_group<T, D, 4>(arow, brow + tx * st, W, st, o + tx * VL<T>);
+    switch (P.kx - tx) {
+      case 3: band_dots_group<T, D, 3>(arow, brow + tx * st, W, st, o + tx * VL<T>); break;
+      case 2: band_dots_group<T, D, 2>(arow, brow + tx * st, W, st, o + tx * VL<T>); break;
+      case 1: band_dots_group<T, D, 1>(arow, brow + tx * st, W, st, o + tx * VL<T>); break;
+      default: break;
+    }
+  }
+}
+
+// Channels per block in the combining loops: each tap's weights are loaded once per block of CB
+// channels, and CB accumulators run side by side (load- and latency-bound otherwise). D % CB == 0.
+constexpr int CB = 8;
+
+// Write a block of CB channels (lanes = queries or keys x..x+VL-1) to the (W, D) layout.
+template <class T, int D>
+inline void store_block(const vec<T>* acc, T alpha, T* o) {
+  for (int j = 0; j < CB; ++j) {
+    const vec<T> a = alpha * acc[j];
+    for (int i = 0; i < VL<T>; ++i) o[i * D + j] = a[i];
+  }
+}
+
+// out(query x+i)[c] = alpha * sum_t w[t][i] * b(key t)[c] for the band at x, to the (W, D) layout.
+template <class T, int D>
+void band_combine(const Problem& P, const T* w, const T* bt, int bh, int y, int x, T alpha, T* out) {
+  const int W = P.W;
+  T* o = out + P.pos(bh, y, x) * D;
+  for (int c0 = 0; c0 < D; c0 += CB) {
+    vec<T> acc[CB] = {};
+    for (int ty = 0; ty < P.ky; ++ty) {
+      const T* brow = bt + (P.row(bh, P.key_row(y, ty)) * D + c0) * W + P.ax.kstart[x];
+      for (int tx = 0; tx < P.kx; ++tx) {
+        const vec<T> wt = load(w + (ty * P.kx + tx) * VL<T>);
+        for (int j = 0; j < CB; ++j) acc[j] += wt * load(brow + j * W + tx * P.ax.step);
+      }
+    }
+    store_block<T, D>(acc, alpha, o + c0);
+  }
+}
+
+// --------------------------------------------------------------------------------------- forward
+
+template <class T, int D>
+void forward_band(const Problem& P, const T* qt, const T* kt, const T* vt, const T* bias, int bh, int y, int x,
+                  T* band, T* out, T* probs, T* lse) {
+  band_dots<T, D>(P, qt, kt, bh, y, x, band);
+  T mx[VL<T>], sum[VL<T>];
+  for (int i = 0; i < VL<T>; ++i) mx[i] = -INFINITY, sum[i] = 0;
+  for (int ty = 0; ty < P.ky; ++ty)
+    for (int tx = 0; tx < P.kx; ++tx) {
+      T* s = band + (ty * P.kx + tx) * VL<T>;
+      const T b = bias ? bias[P.bias_at(y, x, ty, tx)] : T(0);  // one offset for the whole band
+#pragma omp simd
+      for (int i = 0; i < VL<T>; ++i) {
+        s[i] = (T)P.scale * s[i] + b;
+        mx[i] = std::max(mx[i], s[i]);
+      }
+    }
+  band_exp(band, mx, sum, P.K2);
+  for (int i = 0; i < VL<T>; ++i) {
+    if (lse) lse[P.pos(bh, y, x + i)] = mx[i] + std::log(sum[i]);
+    sum[i] = T(1) / sum[i];
+  }
+  for (int t = 0; t < P.K2; ++t) {
+    T* s = band + t * VL<T>;
+    T* p = probs + P.tap(bh, y, t, x);
+#pragma omp simd
+    for (int i = 0; i < VL<T>; ++i) p[i] = (s[i] *= sum[i]);
+  }
+  band_combine<T, D>(P, band, vt, bh, y, x, T(1), out);
+}
+
+template <class T, int D>
+void forward_query(const Problem& P, const T* q, const T* k, const T* v, const T* bias, int bh, int y, int x,
+                   T* s, T* out, T* probs, T* lse) {
+  const int d = P.D;
+  const T* qp = q + P.pos(bh, y, x) * d;
+  T mx = -INFINITY;
+  for (int ty = 0; ty < P.ky; ++ty)
+    for (int tx = 0; tx < P.kx; ++tx) {
+      const int t = ty * P.kx + tx;
+      s[t] = (T)P.scale * dot<T, D>(qp, k + P.pos(bh, P.key_row(y, ty), P.key_col(x, tx)) * d, d);
+      if (bias) s[t] += bias[P.bias_at(y, x, ty, tx)];
+      mx = std::max(mx, s[t]);
+    }
+  T sum = 0;
+  for (int t = 0; t < P.K2; ++t) sum += (s[t] = exp_nonpositive(s[t] - mx));
+  if (lse) lse[P.pos(bh, y, x)] = mx + std::log(sum);
+  Acc<T, D> acc(d);
+  for (int ty = 0; ty < P.ky; ++ty)
+    for (int tx = 0; tx < P.kx; ++tx) {
+      const int t = ty * P.kx + tx;
+      s[t] /= sum;
+      probs[P.tap(bh, y, t, x)] = s[t];
+      axpy<T, D>(s[t], v + P.pos(bh, P.key_row(y, ty), P.key_col(x, tx)) * d, acc.data(), d);
+    }
+  std::memcpy(out + P.pos(bh, y, x) * d, acc.data(), sizeof(T) * d);
+}
+
+// ------------------------------------------------------------------------------ backward, pass 1
+
+// ds = p * (dout . v - delta), delta = dout . out - glse; dq = scale * sum_t ds k; bias gradient.
+template <class T, int D>
+void grad_query_band(const Problem& P, const T* kt, const T* vt, const T* out, const T* dout, const T* gt,
+                     const T* glse, const T* probs, int bh, int y, int x, int fresh, T* band, T* ds, T* dq,
+                     double* dbias) {
+  const int d = P.D;
+  band_dots<T, D>(P, gt, vt, bh, y, x, band);
+  T delta[VL<T>];
+  for (int i = 0; i < VL<T>; ++i) {
+    const int64_t qi = P.pos(bh, y, x + i);
+    delta[i] = dot<T, D>(dout + qi * d, out + qi * d, d) - (glse ? glse[qi] : T(0));
+  }
+  for (int ty = 0; ty < P.ky; ++ty)
+    for (int tx = 0; tx < P.kx; ++tx) {
+      const int t = ty * P.kx + tx;
+      T* s = band + t * VL<T>;
+      const T* p = probs + P.tap(bh, y, t, x);
+      T* o = ds + P.tap(bh, y, t, x);
+      T total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int i = 0; i < VL<T>; ++i) {
+        s[i] = p[i] * (s[i] - delta[i]);
+        o[i] = s[i];
+        total += i >= fresh ? s[i] : T(0);
+      }
+      if (dbias) dbias[P.bias_at(y, x, ty, tx)] += total;
+    }
+  band_combine<T, D>(P, band, kt, bh, y, x, (T)P.scale, dq);
+}
+
+template <class T, int D>
+void grad_query(const Problem& P, const T* k, const T* v, const T* out, const T* dout, const T* glse,
+                const T* probs, int bh, int y, int x, T* ds, T* dq, double* dbias) {
+  const int d = P.D;
+  const int64_t qi = P.pos(bh, y, x);
+  const T* g = dout + qi * d;
+  const T delta = dot<T, D>(g, out + qi * d, d) - (glse ? glse[qi] : T(0));
+  Acc<T, D> acc(d);
+  for (int ty = 0; ty < P.ky; ++ty)
+    for (int tx = 0; tx < P.kx; ++tx) {
+      const int t = ty * P.kx + tx;
+      const int64_t ki = P.pos(bh, P.key_row(y, ty), P.key_col(x, tx));
+      const int64_t ti = P.tap(bh, y, t, x);
+      const T st = probs[ti] * (dot<T, D>(g, v + ki * d, d) - delta);
+      ds[ti] = st;
+      axpy<T, D>(st, k + ki * d, acc.data(), d);
+      if (dbias) dbias[P.bias_at(y, x, ty, tx)] += st;
+    }
+  T* o = dq + qi * d;
+  for (int c = 0; c < d; ++c) o[c] = (T)P.scale * acc.data()[c];
+}
+
+// ------------------------------------------------------------------------------ backward, pass 2
+
+// dk = scale * sum ds q and dv = sum p dout over the queries that see each key. A band of VL
+// regular keys m..: through tap (ty, tx) they are seen by the VL consecutive queries m + d (r - tx)...
+template <class T, int D>
+void grad_key_band(const Problem& P, const T* qt, const T* gt, const T* probs, const T* ds, int bh, int my, int m,
+                   T* dk, T* dv) {
+  const int W = P.W, st = P.ax.step, reach = st * P.ax.r;
+  for (int c0 = 0; c0 < D; c0 += CB) {
+    vec<T> acc_k[CB] = {}, acc_v[CB] = {};
+    for (int a = P.ay.inv_ptr[my]; a < P.ay.inv_ptr[my + 1]; ++a) {
+      const int qy = P.ay.inv_q[a], ty = P.ay.inv_t[a];
+      const T* qv = qt + (P.row(bh, qy) * D + c0) * W + m + reach;
+      const T* gv = gt + (P.row(bh, qy) * D + c0) * W + m + reach;
+      const int64_t t0 = P.tap(bh, qy, ty * P.kx, m + reach);
+      for (int tx = 0; tx < P.kx; ++tx) {
+        const int64_t ti = t0 + (int64_t)tx * W - tx * st;  // tap (ty, tx) of query m + d (r - tx)
+        const vec<T> s = load(ds + ti), p = load(probs + ti);
+        for (int j = 0; j < CB; ++j) {
+          acc_k[j] += s * load(qv + j * W - tx * st);
+          acc_v[j] += p * load(gv + j * W - tx * st);
+        }
+      }
+    }
+    store_block<T, D>(acc_k, (T)P.scale, dk + P.pos(bh, my, m) * D + c0);
+    store_block<T, D>(acc_v, T(1), dv + P.pos(bh, my, m) * D + c0);
+  }
+}
+
+template <class T, int D>
+void grad_key(const Problem& P, const T* q, const T* dout, const T* probs, const T* ds, int bh, int my, int mx,
+              T* dk, T* dv) {
+  const int d = P.D;
+  Acc<T, D> acc_k(d), acc_v(d);
+  for (int a = P.ay.inv_ptr[my]; a < P.ay.inv_ptr[my + 1]; ++a) {
+    const int qy = P.ay.inv_q[a], ty = P.ay.inv_t[a];
+    for (int b = P.ax.inv_ptr[mx]; b < P.ax.inv_ptr[mx + 1]; ++b) {
+      const int qx = P.ax.inv_q[b];
+      const int64_t qi = P.pos(bh, qy, qx), ti = P.tap(bh, qy, ty * P.kx + P.ax.inv_t[b], qx);
+      axpy<T, D>(ds[ti], q + qi * d, acc_k.data(), d);
+      axpy<T, D>(probs[ti], dout + qi * d, acc_v.data(), d);
+    }
+  }
+  const int64_t ki = P.pos(bh, my, mx);
+  for (int c = 0; c < d; ++c) {
+    dk[ki * d + c] = (T)P.scale * acc_k.data()[c];
+    dv[ki * d + c] = acc_v.data()[c];
+  }
+}
+
+// ----------------------------------------------------------------------------------- row drivers
+
+// A row's work: bands of VL columns where runs allow them (compile-time D and the transposed copies
+// given), else single columns. A run's remainder of at least VL/3 columns takes one more band that
+// overlaps the previous one; its first `fresh` lanes were already done (values are recomputed
+// identically; only the bias gradient, a sum, skips them).
+struct Item {
+  int x, fresh;
+  bool band;
+};
+
+inline std::vector<Item> schedule(const std::vector<int>& run, int L, int lanes, bool bands) {
+  std::vector<Item> items;
+  for (int x = 0; x < L;) {
+    if (!bands || run[x] < lanes) {
+      items.push_back({x++, 0, false});
+      continue;
+    }
+    const int end = x + run[x];
+    for (; x + lanes <= end; x += lanes) items.push_back({x, 0, true});
+    if (3 * (end - x) >= lanes) {
+      items.push_back({end - lanes, lanes - (end - x), true});
+      x = end;
+    }
+    for (; x < end; ++x) items.push_back({x, 0, false});
+  }
+  return items;
+}
+
+template <class T, int D>
+struct Forward {
+  static void run(const Problem& P, const T* q, const T* k, const T* v, const T* qt, const T* kt, const T* vt,
+                  const T* bias, T* out, T* probs, T* lse) {
+    parallel_for((int64_t)P.BH * P.H, P.threads, [&](int64_t r0, int64_t r1, int) {
+      std::vector<T> buf(P.K2 * VL<T>);
+      const std::vector<Item> items = schedule(P.ax.qrun, P.W, VL<T>, D > 0 && qt);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int bh = (int)(r / P.H), y = (int)(r % P.H);
+        const T* b = bias ? bias + (int64_t)(bh % P.heads) * P.Sy * P.Sx : nullptr;
+        for (const Item& it : items)
+          if (it.band)
+            forward_band<T, D>(P, qt, kt, vt, b, bh, y, it.x, buf.data(), out, probs, lse);
+          else
+            forward_query<T, D>(P, q, k, v, b, bh, y, it.x, buf.data(), out, probs, lse);
+      }
+    });
+  }
+};
+
+template <class T, int D>
+struct Backward {
+  static void run(const Problem& P, const T* q, const T* k, const T* v, const T* qt, const T* kt, const T* vt,
+                  const T* out, const T* dout, const T* gt, const T* glse, const T* probs, T* ds, T* dq, T* dk,
+                  T* dv, T* dbias) {
+    const int64_t rows = (int64_t)P.BH * P.H, nb = (int64_t)P.heads * P.Sy * P.Sx;
+    const int threads = (int)std::max<int64_t>(1, std::min<int64_t>(P.threads, rows));
+    std::vector<double> acc(dbias ? threads * nb : 0, 0.0);  // per-thread bias gradient, summed in order
+    parallel_for(rows, threads, [&](int64_t r0, int64_t r1, int th) {
+      std::vector<T> buf(P.K2 * VL<T>);
+      const std::vector<Item> items = schedule(P.ax.qrun, P.W, VL<T>, D > 0 && gt);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int bh = (int)(r / P.H), y = (int)(r % P.H);
+        double* db = dbias ? acc.data() + th * nb + (int64_t)(bh % P.heads) * P.Sy * P.Sx : nullptr;
+        for (const Item& it : items)
+          if (it.band)
+            grad_query_band<T, D>(P, kt, vt, out, dout, gt, glse, probs, bh, y, it.x, it.fresh, buf.data(), ds, dq,
+                                  db);
+          else
+            grad_query<T, D>(P, k, v, out, dout, glse, probs, bh, y, it.x, ds, dq, db);
+      }
+    });
+    if (dbias)
+      for (int64_t i = 0; i < nb; ++i) {
+        double s = 0.0;
+        for (int t = 0; t < threads; ++t) s += acc[t * nb + i];
+        dbias[i] = (T)s;
+      }
+    parallel_for(rows, threads, [&](int64_t r0, int64_t r1, int) {
+      const std::vector<Item> items = schedule(P.ax.krun, P.W, VL<T>, D > 0 && qt);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int bh = (int)(r / P.H), my = (int)(r % P.H);
+        for (const Item& it : items)
+          if (it.band)
+            grad_key_band<T, D>(P, qt, gt, probs, ds, bh, my, it.x, dk, dv);
+          else
+            grad_key<T, D>(P, q, dout, probs, ds, bh, my, it.x, dk, dv);
+      }
+    });
+  }
+};
+
+template <class T, template <class, int> class Fn, class... Args>
+void by_dim(int d, Args&&... args) {
+  switch (d) {
+    case 16: Fn<T, 16>::run(args...); break;
+    case 32: Fn<T, 32>::run(args...); break;
+    case 64: Fn<T, 64>::run(args...); break;
+    default: Fn<T, 0>::run(args...);
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int va_na_version() { return 4; }
+
+#define VA_NA_ENTRY(T, SUFFIX)                                                                                 \
+  void va_na_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* qt, const T* kt, const T* vt,      \
+                              const T* bias, T* out, T* probs, T* lse, int BH, int heads, int H, int W, int D,  \
+                              int ky, int dy, int kx, int dx, int Sy, int Sx, double scale, int threads) {      \
+    const Problem P(BH, heads, H, W, D, ky, dy, kx, dx, Sy, Sx, scale, threads);                                \
+    by_dim<T, Forward>(D, P, q, k, v, qt, kt, vt, bias, out, probs, lse);                                       \
+  }                                                                                                             \
+  void va_na_backward_##SUFFIX(const T* q, const T* k, const T* v, const T* qt, const T* kt, const T* vt,     \
+                               const T* out, const T* dout, const T* gt, const T* glse, const T* probs, T* ds,  \
+                               T* dq, T* dk, T* dv, T* dbias, int BH, int heads, int H, int W, int D, int ky,   \
+                               int dy, int kx, int dx, int Sy, int Sx, double scale, int threads) {             \
+    const Problem P(BH, heads, H, W, D, ky, dy, kx, dx, Sy, Sx, scale, threads);                                \
+    by_dim<T, Backward>(D, P, q, k, v, qt, kt, vt, out, dout, gt, glse, probs, ds, dq, dk, dv, dbias);          \
+  }
+
+VA_NA_ENTRY(float, f32)
+VA_NA_ENTRY(double, f64)
+
+}  // extern "C"
