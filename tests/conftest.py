@@ -44,3 +44,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["fused", "torch"])
+def na_route(request, monkeypatch):
+    """Run a neighborhood / dilated test through both CPU routes: the fused C++ kernel and the
+    pure-PyTorch tiled kernel ($VISION_ATTN_NA_KERNEL)."""
+    monkeypatch.setenv("VISION_ATTN_NA_KERNEL", request.param)
+    return request.param
+
+
+@pytest.fixture
+def tiled_route(monkeypatch):
+    """Pin the pure-PyTorch tiled kernel (tests of its tiles, chunks and dropout)."""
+    monkeypatch.setenv("VISION_ATTN_NA_KERNEL", "torch")

@@ -1,4 +1,6 @@
-"""Neighborhood / dilated attention: the tiled kernel against brute force (DESIGN.md semantics)."""
+"""Neighborhood / dilated attention against brute force (DESIGN.md semantics): the reference tests run
+through both CPU routes (``na_route``: the fused kernel and the tiled kernel); tests of the tiled
+kernel's own tiles, chunks and dropout pin it (``tiled_route``). More on the fused kernel: test_fused_neighborhood.py."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +25,7 @@ qkv, bias = random_qkv, random_bias
 
 @pytest.mark.parametrize("dilation", [1, 2, 3, 4])
 @pytest.mark.parametrize("kernel", [3, 5, 7, 9, 11, 13])
-def test_matches_reference_sweep(kernel: int, dilation: int) -> None:
+def test_matches_reference_sweep(kernel: int, dilation: int, na_route: str) -> None:
     q, k, v = qkv(2, 2, 13, 21)
     grid = bias(2, kernel)
     out = neighborhood_attention(q, k, v, kernel, dilation, bias=grid)
@@ -31,7 +33,7 @@ def test_matches_reference_sweep(kernel: int, dilation: int) -> None:
 
 
 @pytest.mark.parametrize("kernel,dilation", [(3, 1), (5, 2), (7, 3), (3, 4)])
-def test_matches_reference_without_bias(kernel: int, dilation: int) -> None:
+def test_matches_reference_without_bias(kernel: int, dilation: int, na_route: str) -> None:
     q, k, v = qkv(2, 3, 13, 21, seed=2)
     out = neighborhood_attention(q, k, v, kernel, dilation)
     torch.testing.assert_close(out, neighborhood_reference(q, k, v, kernel, dilation), **TOL)
@@ -51,7 +53,7 @@ def test_matches_reference_without_bias(kernel: int, dilation: int) -> None:
         (10, 11, 4, 2),  # even kernel follows the same clamp formula
     ],
 )
-def test_edge_shapes(H: int, W: int, kernel: int, dilation: int) -> None:
+def test_edge_shapes(H: int, W: int, kernel: int, dilation: int, na_route: str) -> None:
     q, k, v = qkv(2, 2, H, W, seed=H * W)
     grid = bias(2, kernel)
     out = neighborhood_attention(q, k, v, kernel, dilation, bias=grid, scale=0.7)
@@ -59,7 +61,7 @@ def test_edge_shapes(H: int, W: int, kernel: int, dilation: int) -> None:
 
 
 @pytest.mark.parametrize("tile", [(1, 1), (2, 3), (5, 4), (64, 64)])
-def test_result_does_not_depend_on_tile(tile: tuple[int, int]) -> None:
+def test_result_does_not_depend_on_tile(tile: tuple[int, int], tiled_route: None) -> None:
     q, k, v = qkv(1, 2, 13, 21, seed=3)
     grid = bias(2, 5)
     py, px = nb.neighborhood_patterns(13, 21, 5, 2, tile=tile)
@@ -67,7 +69,7 @@ def test_result_does_not_depend_on_tile(tile: tuple[int, int]) -> None:
     torch.testing.assert_close(out, neighborhood_reference(q, k, v, 5, 2, grid), **TOL)
 
 
-def test_gradients_match_reference() -> None:
+def test_gradients_match_reference(na_route: str) -> None:
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 11, 13, seed=4))
     grid = bias(2, 5).requires_grad_()
     gout = qkv(2, 2, 11, 13, seed=5)[0]
@@ -78,7 +80,7 @@ def test_gradients_match_reference() -> None:
 
 
 @pytest.mark.parametrize("chunk", [1, 3000])
-def test_chunked_recompute_matches_reference(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_recompute_matches_reference(chunk: int, monkeypatch: pytest.MonkeyPatch, tiled_route: None) -> None:
     """Several chunks: backward recomputes each chunk's probabilities instead of keeping them."""
     monkeypatch.setattr(nb, "STASH_SCORES", 0)
     monkeypatch.setattr(nb, "CHUNK_SCORES", chunk)
@@ -93,7 +95,7 @@ def test_chunked_recompute_matches_reference(chunk: int, monkeypatch: pytest.Mon
 
 
 @pytest.mark.parametrize("H,W,kernel,dilation", [(5, 6, 3, 1), (5, 7, 3, 2)])
-def test_gradcheck(H: int, W: int, kernel: int, dilation: int) -> None:
+def test_gradcheck(H: int, W: int, kernel: int, dilation: int, na_route: str) -> None:
     q, k, v = (t.requires_grad_() for t in qkv(1, 2, H, W, D=2, seed=6))
     grid = bias(2, kernel).requires_grad_()
     fn = lambda q, k, v, g: neighborhood_attention(q, k, v, kernel, dilation, bias=g)  # noqa: E731
@@ -101,7 +103,7 @@ def test_gradcheck(H: int, W: int, kernel: int, dilation: int) -> None:
 
 
 @pytest.mark.parametrize("stash", [1 << 22, 0])
-def test_gradcheck_with_dropout(stash: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gradcheck_with_dropout(stash: int, monkeypatch: pytest.MonkeyPatch, tiled_route: None) -> None:
     monkeypatch.setattr(nb, "STASH_SCORES", stash)
     monkeypatch.setattr(nb, "CHUNK_SCORES", 1)
     q, k, v = (t.requires_grad_() for t in qkv(1, 1, 4, 5, D=2, seed=7))
@@ -193,7 +195,7 @@ def test_natten_call_layout(monkeypatch: pytest.MonkeyPatch) -> None:
 # ----------------------------------------------------------------------------- modules
 
 
-def test_module_equals_functional() -> None:
+def test_module_equals_functional(na_route: str) -> None:
     torch.manual_seed(0)
     m = create_attention("dilated", 12, 3, AttnSpec(kernel_size=5, dilation=2)).double()
     x = torch.randn(2, 11, 13, 12, dtype=torch.float64)
@@ -214,7 +216,7 @@ def test_module_equals_functional() -> None:
         ("dilated", 2, (0, 1), (4, 5), (1, 1)),
     ],
 )
-def test_module_locality(kind: str, dilation: int, query, inside, outside) -> None:
+def test_module_locality(kind: str, dilation: int, query, inside, outside, na_route: str) -> None:
     torch.manual_seed(0)
     m = create_attention(kind, 8, 2, AttnSpec(kernel_size=3, dilation=dilation)).double().eval()
     x = torch.randn(1, 9, 11, 8, dtype=torch.float64)
@@ -226,7 +228,7 @@ def test_module_locality(kind: str, dilation: int, query, inside, outside) -> No
         assert changed == should_change, f"key {pos} for query {query}"
 
 
-def test_attention_dropout_in_module() -> None:
+def test_attention_dropout_in_module(tiled_route: None) -> None:
     torch.manual_seed(0)
     m = create_attention("neighborhood", 8, 2, AttnSpec(kernel_size=3, attn_drop=0.5))
     x = torch.randn(1, 6, 7, 8, requires_grad=True)
@@ -239,7 +241,7 @@ def test_attention_dropout_in_module() -> None:
     torch.testing.assert_close(m(x), ref.eval()(x))
 
 
-def test_module_under_autocast() -> None:
+def test_module_under_autocast(na_route: str) -> None:
     torch.manual_seed(0)
     m = create_attention("dilated", 8, 2, AttnSpec(kernel_size=3, dilation=2))
     x = torch.randn(2, 6, 7, 8)

@@ -144,12 +144,20 @@ def library() -> Optional[ctypes.CDLL]:
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _logger.warning("fused neighborhood kernel: build failed (%s); using the pure-PyTorch tiled kernel", e)
         return None
+    lib.va_na_banded_columns.argtypes, lib.va_na_banded_columns.restype = [ctypes.c_int] * 5, ctypes.c_int
     for suffix in ("f32", "f64"):
         for name, args in _ARGS.items():
             fn = getattr(lib, f"va_na_{name}_{suffix}")
             fn.argtypes, fn.restype = args, None
     _logger.info("fused neighborhood kernel: %s (for %s: %s)", how, sig.partition(" |")[0], isa_summary(sig))
     return lib
+
+
+def banded_columns(length: int, kernel: int, dilation: int, dtype: torch.dtype, keys: bool = False) -> int:
+    """How many columns of an axis the kernel's vectorised bands cover (queries, or keys in backward)."""
+    lib = library()
+    lanes = 64 // torch.empty(0, dtype=dtype).element_size()
+    return 0 if lib is None else lib.va_na_banded_columns(length, kernel, dilation, lanes, int(keys))
 
 
 def use_fused(q: torch.Tensor) -> bool:

@@ -564,6 +564,19 @@ extern "C" {
 
 int va_na_version() { return 4; }
 
+// Columns of an axis (length L, kernel k, dilation d) that bands of `lanes` cover: queries (keys = 0)
+// or keys (keys = 1). Tests use it to make sure their shapes reach the band paths.
+int va_na_banded_columns(int L, int k, int d, int lanes, int keys) {
+  const Axis a(L, k, d);
+  int covered = 0, last = -1;
+  for (const Item& it : schedule(keys ? a.krun : a.qrun, L, lanes, true))
+    if (it.band) {
+      covered += it.x + lanes - std::max(it.x, last + 1);
+      last = it.x + lanes - 1;
+    }
+  return covered;
+}
+
 #define VA_NA_ENTRY(T, SUFFIX)                                                                                 \
   void va_na_forward_##SUFFIX(const T* q, const T* k, const T* v, const T* qt, const T* kt, const T* vt,      \
                               const T* bias, T* out, T* probs, T* lse, int BH, int heads, int H, int W, int D,  \
