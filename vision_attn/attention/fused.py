@@ -27,9 +27,10 @@ import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -41,7 +42,7 @@ ROUTE_ENV = "VISION_ATTN_NA_KERNEL"
 CACHE_ENV = "VISION_ATTN_KERNEL_CACHE"
 ROUTES = ("auto", "fused", "torch")
 SOURCE = Path(__file__).with_name("csrc") / "neighborhood_cpu.cpp"
-CXX_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17"]
+CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 # ----------------------------------------------------------------------------- build and load
@@ -53,6 +54,24 @@ def route() -> str:
     if value not in ROUTES:
         raise ConfigError(f"{ROUTE_ENV}={value!r}: expected one of {', '.join(ROUTES)}")
     return value
+
+
+@contextmanager
+def forced_route(value: Optional[str]) -> Iterator[None]:
+    """Set ``$VISION_ATTN_NA_KERNEL`` inside (None: leave it), restored after (benchmarks, tests)."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get(ROUTE_ENV)
+    os.environ[ROUTE_ENV] = value
+    try:
+        route()  # a bad value fails here, not at the first neighborhood call
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ROUTE_ENV, None)
+        else:
+            os.environ[ROUTE_ENV] = old
 
 
 def cpu_signature() -> str:
@@ -105,7 +124,7 @@ def _compile(cxx: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem + ".", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cxx, *CXX_FLAGS, "-o", tmp, str(SOURCE), "-lpthread"],
+        proc = subprocess.run([cxx, *CXX_FLAGS, "-o", tmp, str(SOURCE)],
                               capture_output=True, text=True, timeout=600)
         if proc.returncode:
             first = next((ln for ln in proc.stderr.splitlines() if "error" in ln), proc.stderr.strip()[-300:])

@@ -12,6 +12,7 @@ BENCHES = {
     "knobs": "vision_attn.bench.knobs",
     "gpu": "vision_attn.bench.gpu",
     "resolution": "vision_attn.bench.resolution",
+    "routes": "vision_attn.bench.routes",
 }
 
 

@@ -10,14 +10,16 @@ import torch
 
 
 def machine() -> str:
-    """One line naming the machine the figures come from."""
+    """One line naming the machine the figures come from: CPU model, its vector extensions, threads."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    from vision_attn.attention.fused import cpu_signature, isa_summary
+
+    return f"{cpu} ({isa_summary(cpu_signature())}), {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:

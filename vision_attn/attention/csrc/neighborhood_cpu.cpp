@@ -17,12 +17,11 @@
 // across the band, so every product is a vertical vector operation on the (D, W) copies, with no
 // horizontal sums. Border columns take a per-query path on the (W, D) layout. Backward: pass 1
 // per query (ds, dq, bias gradient), pass 2 per key over its inverse neighbourhood (dk, dv): no
-// scatter, no atomics. Rows are split over threads.
+// scatter, no atomics. Rows are split over torch's OpenMP threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -77,21 +76,22 @@ struct Axis {
   }
 };
 
+// Rows split into `threads` contiguous chunks, f(begin, end, chunk). OpenMP: the .so links the
+// libgomp that torch has loaded, so the kernel shares torch's thread pool (its own threads would
+// compete with torch's spinning workers on a small machine).
 template <class F>
 void parallel_for(int64_t n, int threads, F f) {
   threads = (int)std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  const int64_t step = (n + threads - 1) / threads;
   if (threads == 1) {
     f(0, n, 0);
     return;
   }
-  std::vector<std::thread> pool;
-  const int64_t step = (n + threads - 1) / threads;
-  for (int t = 1; t < threads; ++t) {
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+  for (int t = 0; t < threads; ++t) {
     const int64_t a = t * step, b = std::min(n, a + step);
-    if (a < b) pool.emplace_back(f, a, b, t);
+    if (a < b) f(a, b, t);
   }
-  f(0, std::min(n, step), 0);
-  for (auto& th : pool) th.join();
 }
 
 // D is a compile-time constant for the common head dims (loops unroll and vectorise), else 0.
