@@ -127,27 +127,10 @@ struct Acc<T, 0> {
   T* data() { return v.data(); }
 };
 
-// exp(x) for x <= 0: Cephes' expf polynomial (about 1 ulp), written so that a loop of it vectorises.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = ((int32_t)n + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof two_n);
-  return p * two_n;
-}
 inline double exp_nonpositive(double x) { return std::exp(x); }
 
-// band[t][i] = exp(band[t][i] - mx[i]) and sum[i] += it over the VL lanes: floats as one explicit
-// vector (a fully unrolled 16-lane loop of the polynomial does not vectorise), doubles with std::exp.
+// exp(x) for x <= 0 on a vector of floats: Cephes' expf polynomial (about 1 ulp) on explicit
+// vectors (a fully unrolled 16-lane loop of the scalar polynomial does not vectorise).
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 static_assert(sizeof(vfloat) == VL<float> * sizeof(float), "one band of floats is one vector");
@@ -168,6 +151,9 @@ inline vfloat exp_nonpositive(vfloat x) {
   return p * (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);
 }
 
+inline float exp_nonpositive(float x) { return exp_nonpositive(vfloat{} + x)[0]; }
+
+// band[t][i] = exp(band[t][i] - mx[i]) and sum[i] += it over the VL lanes (doubles: std::exp).
 inline void band_exp(float* band, const float* mx, float* sum, int rows) {
   vfloat m, s = {};
   std::memcpy(&m, mx, sizeof m);
