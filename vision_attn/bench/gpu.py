@@ -16,8 +16,9 @@ to ``--out``/gpu_check.md. Rows, in the order they run:
 - ``sdpa route``: each window route of ``windowed_sdpa`` (no bias, padding mask, shift mask,
   bias at inference, bias in training below / above ``PER_HEAD_MIN_WINDOWS``), fp32 and bf16,
   on CUDA when present (else CPU): the kernels each used, checked against the reference.
-- ``natten route``: neighborhood / dilated with and without bias: the route
-  ``_natten_available_for`` picks and the one taken (NATTEN or our tiled kernel), checked.
+- ``natten route``: neighborhood / dilated with and without bias: the route picked
+  (``_natten_available_for``, else the fused CPU kernel where it applies, else our tiled kernel)
+  and the one taken, checked.
 - ``train step``: every variant, pico and tiny, as ``trainer=gpu`` trains (bf16 autocast,
   channels-last), then with gradient checkpointing, then (CUDA only, last) with ``model.compile``:
   loss finite at every step, images/s, peak CUDA memory (``torch.cuda.max_memory_allocated``).
@@ -56,6 +57,7 @@ from torch import nn
 
 from vision_attn.attention import AttnSpec, attention_kinds, create_attention
 from vision_attn.attention import lsh as lsh_module
+from vision_attn.attention import fused as fused_module
 from vision_attn.attention import neighborhood as nb
 from vision_attn.attention import routed as routed_module
 from vision_attn.attention.rel_pos import new_bias_table
@@ -165,6 +167,7 @@ KERNEL_LABELS = (  # (label, substring of a torch.profiler op name), first match
     ("overrideable", "attention_overrideable"),
     ("per-head bmm (ours)", "WindowAttentionFunction"),
     ("tiled (ours)", "TiledAttention"),
+    ("fused CPU (ours)", "na2d_cpu"),
     ("natten", "natten::"),  # NATTEN's torch ops (a bare "natten" matched a cuDNN op name on an H100)
 )
 
@@ -454,17 +457,20 @@ def natten_route_check(kind: str) -> Callable[[Ctx], str]:
         parts, bad = [f"natten {'installed' if installed else 'not installed'}"], []
         for bias in (True, False):
             probe_bias = torch.zeros(1) if bias else None
-            picked = "natten" if nb._natten_available_for(torch.empty(0, device=ctx.device), probe_bias) else "tiled"
+            probe = torch.empty(0, device=ctx.device)
+            picked = ("natten" if nb._natten_available_for(probe, probe_bias)
+                      else "fused" if fused_module.use_fused(probe) else "tiled")
             taken: list[str] = []
 
-            def spy(name: str, label: str) -> Any:
-                real = getattr(nb, name)
-                return mock.patch.object(nb, name, lambda *a, **k: taken.append(label) or real(*a, **k))
+            def spy(module: Any, name: str, label: str) -> Any:
+                real = getattr(module, name)
+                return mock.patch.object(module, name, lambda *a, **k: taken.append(label) or real(*a, **k))
 
             def around() -> contextlib.ExitStack:
                 stack = contextlib.ExitStack()
-                stack.enter_context(spy("_natten_na2d", "natten"))
-                stack.enter_context(spy("tiled_attention", "tiled"))
+                stack.enter_context(spy(nb, "_natten_na2d", "natten"))
+                stack.enter_context(spy(nb, "tiled_attention", "tiled"))
+                stack.enter_context(spy(fused_module, "fused_neighborhood", "fused"))
                 return stack
 
             build = lambda: create_attention(kind, DIM, HEADS, _spec(rel_pos_bias=bias))  # noqa: E731
