@@ -66,7 +66,7 @@ def check_cpu_row(check: str, setting: str, result: str, figures: str) -> None:
         diffs = [float(d) for d in re.findall(r"(?:out|dx|dW|diff) (\d\.\de[-+]\d\d)", figures)]
         assert diffs and all(0 <= d < 1e-1 for d in diffs), figures
     if check.startswith("attention "):
-        assert re.search(r"kernels: (tiled \(ours\)|math|flash|no SDPA)", figures), figures
+        assert re.search(r"kernels: (tiled \(ours\)|fused CPU \(ours\)|math|flash|no SDPA)", figures), figures
     if check.startswith("train step"):
         m = re.search(r"loss (\d+\.\d+) \(finite at all \d+ steps\), (\d+\.\d) img/s", figures)
         assert m and float(m.group(2)) > 0, figures
