@@ -41,6 +41,7 @@ test-slow: venv  ## the slow tests (long trainings, big benchmarks)
 bench: venv  ## all benchmarks (tables and plots in bench_out/); see README
 	$(PY) -m vision_attn.bench attention
 	$(PY) -m vision_attn.bench model
+	$(PY) -m vision_attn.bench routes --attention-share
 	$(PY) -m vision_attn.bench data
 	$(PY) -m vision_attn.bench knobs
 
