@@ -7,7 +7,8 @@ linear in the map) for backward; dk / dv gather over each key's inverse neighbou
 is no scatter and no atomics.
 
 Build: plain C ABI, compiled at first use with the system C++ compiler (``$CXX``, else ``g++`` or
-``c++``; about 3 s) with ``-march=native`` and loaded with ``ctypes``. The shared object is cached
+``c++``; about 5 s) with ``-march=native -fopenmp`` (it links the libgomp torch has loaded, so it
+shares torch's thread pool) and loaded with ``ctypes``. The shared object is cached
 under ``$VISION_ATTN_KERNEL_CACHE`` (default ``~/.cache/vision_attn/kernels``) by a key of the
 source, the compiler, the flags and the host CPU's model and instruction-set flags, so a build for
 an AVX-512 host never runs on an AVX2-only one. One log line says what happened on first use.
