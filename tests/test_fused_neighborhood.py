@@ -57,6 +57,10 @@ def test_the_sweep_reaches_the_band_paths() -> None:
     assert fused.banded_columns(56, 7, 1, torch.float32) == 48  # interior columns 3..52: 3 bands, 2 left
     assert fused.banded_columns(56, 7, 1, torch.float32, keys=True) == 42  # keys 7..48 (6 and 49 also seen by border queries)
     assert fused.banded_columns(14, 7, 1, torch.float32) == 0  # too short for a band of 16
+    # Borders of at least half a band (d * r >= 8 floats, >= 4 doubles) take clamped bands.
+    assert fused.banded_columns(56, 7, 1, torch.float32, clamped=True) == 0  # 3 columns each side: one by one
+    assert fused.banded_columns(56, 7, 4, torch.float32, clamped=True) == 24  # 12 each side
+    assert all(fused.banded_columns(64, k, d, torch.float64, clamped=True) > 0 for k, d in [(3, 4), (5, 2), (7, 3)])
 
 
 @pytest.mark.parametrize("H,W,kernel,dilation,D", [(3, 12, 3, 1, 16), (4, 18, 3, 2, 16), (5, 7, 5, 1, 3)])

@@ -173,11 +173,14 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def banded_columns(length: int, kernel: int, dilation: int, dtype: torch.dtype, keys: bool = False) -> int:
-    """How many columns of an axis the kernel's vectorised bands cover (queries, or keys in backward)."""
+def banded_columns(length: int, kernel: int, dilation: int, dtype: torch.dtype, keys: bool = False,
+                   clamped: bool = False) -> int:
+    """How many columns of an axis the kernel's vectorised bands cover: interior query bands, key
+    bands (backward) or ``clamped`` query bands over the borders. The rest go one at a time."""
     lib = library()
     lanes = 64 // torch.empty(0, dtype=dtype).element_size()
-    return 0 if lib is None else lib.va_na_banded_columns(length, kernel, dilation, lanes, int(keys))
+    which = 2 if clamped else int(keys)
+    return 0 if lib is None else lib.va_na_banded_columns(length, kernel, dilation, lanes, which)
 
 
 def use_fused(q: torch.Tensor) -> bool:

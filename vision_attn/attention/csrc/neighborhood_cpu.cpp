@@ -15,7 +15,9 @@
 // Work is vectorised over bands of VL consecutive queries of a row whose windows are centred on them
 // (interior columns, any dilation): tap t of query x+i is then column x+i + d (t - r), consecutive
 // across the band, so every product is a vertical vector operation on the (D, W) copies, with no
-// horizontal sums. Border columns take a per-query path on the (W, D) layout. Backward: pass 1
+// horizontal sums. Borders at least half a band wide (d r >= 8 floats) take clamped bands: a clamped
+// window is the window of the nearest interior query, so their keys fit one load per tap, permuted
+// per lane. Narrower borders take a per-query path on the (W, D) layout. Backward: pass 1
 // per query (ds, dq, bias gradient), pass 2 per key over its inverse neighbourhood (dk, dv): no
 // scatter, no atomics. Rows are split over torch's OpenMP threads.
 #include <algorithm>
@@ -188,9 +190,8 @@ struct Problem {
   int64_t pos(int bh, int y, int x) const { return row(bh, y) * W + x; }
   int key_row(int y, int ty) const { return ay.kstart[y] + ay.step * ty; }
   int key_col(int x, int tx) const { return ax.kstart[x] + ax.step * tx; }
-  int bias_at(int y, int x, int ty, int tx) const {
-    return (ay.boff[y] + ty + (Sy - 1) / 2) * Sx + (ax.boff[x] + tx + (Sx - 1) / 2);
-  }
+  int bias_row(int y, int ty) const { return (ay.boff[y] + ty + (Sy - 1) / 2) * Sx + (Sx - 1) / 2; }
+  int bias_at(int y, int x, int ty, int tx) const { return bias_row(y, ty) + ax.boff[x] + tx; }
   // probs / ds: (BH, H, K2, W)
   int64_t tap(int bh, int y, int t, int x) const { return (row(bh, y) * K2 + t) * W + x; }
 };
@@ -217,33 +218,92 @@ inline void store(T* p, vec<T> v) {
   std::memcpy(p, &v, sizeof v);
 }
 
+template <class T>
+struct IV;
+template <>
+struct IV<float> {
+  typedef int32_t type __attribute__((vector_size(64)));
+};
+template <>
+struct IV<double> {
+  typedef int64_t type __attribute__((vector_size(64)));
+};
+template <class T>
+using ivec = typename IV<T>::type;
+
+// A band of VL queries over a border (x = 0 or W - VL). Their windows are clamped, so their keys are
+// not consecutive, but a clamped window is the window of the nearest interior query: for tap tx
+// lane i's key is column start[tx] + perm[tx][i], all within one vector load, permuted. Bias
+// offsets are per lane; only lanes [lo, hi) count in the bias gradient (the others belong to
+// another band or are recomputed identically).
+template <class T>
+struct Clamp {
+  int x, lo, hi;
+  std::vector<int> start;
+  std::vector<ivec<T>> perm;
+  int boff[VL<T>];
+};
+
+// The clamped band at x (VL columns) covering [lo, hi), or false if one load cannot hold its keys.
+template <class T>
+bool make_clamp(const Axis& a, int kx, int x, int lo, int hi, Clamp<T>& b) {
+  b.x = x, b.lo = lo, b.hi = hi;
+  for (int i = 0; i < VL<T>; ++i) b.boff[i] = a.boff[x + i];
+  for (int tx = 0; tx < kx; ++tx) {
+    int lo_col = a.L, hi_col = -1;
+    for (int i = 0; i < VL<T>; ++i) {
+      lo_col = std::min(lo_col, a.kstart[x + i] + a.step * tx);
+      hi_col = std::max(hi_col, a.kstart[x + i] + a.step * tx);
+    }
+    const int start = std::min(lo_col, a.L - VL<T>);
+    if (hi_col - start >= VL<T>) return false;
+    ivec<T> perm;
+    for (int i = 0; i < VL<T>; ++i) perm[i] = a.kstart[x + i] + a.step * tx - start;
+    b.start.push_back(start);
+    b.perm.push_back(perm);
+  }
+  return true;
+}
+
 // band[t][i] = a(query x+i of row y) . b(its key t) for the VL sliding queries x..x+VL-1, from the
 // (D, W) copies: vertical products only. Taps are taken N at a time, so that N accumulators run
 // side by side (a single chain of D dependent FMAs would wait on each one's latency).
-template <class T, int D, int N>
-inline void band_dots_group(const T* arow, const T* brow, int W, int step, T* band) {
+// Tap j of a group: its key columns for the band (interior: consecutive from `col`; clamped: one
+// load from start[j], permuted).
+template <class T, bool Clamped>
+inline vec<T> keys_at(const T* row, int col, const Clamp<T>* cl, int tx) {
+  if constexpr (Clamped)
+    return __builtin_shuffle(load(row + cl->start[tx]), cl->perm[tx]);
+  else
+    return load(row + col);
+}
+
+template <class T, int D, int N, bool Clamped>
+inline void band_dots_group(const T* arow, const T* brow, int W, int col, int step, const Clamp<T>* cl, int tx0,
+                            T* band) {
   vec<T> acc[N] = {};
   for (int c = 0; c < D; ++c) {
     const vec<T> a = load(arow + c * W);
-    for (int j = 0; j < N; ++j) acc[j] += a * load(brow + c * W + j * step);
+    for (int j = 0; j < N; ++j) acc[j] += a * keys_at<T, Clamped>(brow + c * W, col + j * step, cl, tx0 + j);
   }
   for (int j = 0; j < N; ++j) store(band + j * VL<T>, acc[j]);
 }
 
-template <class T, int D>
-void band_dots(const Problem& P, const T* at, const T* bt, int bh, int y, int x, T* band) {
-  const int W = P.W;
+template <class T, int D, bool Clamped>
+void band_dots(const Problem& P, const T* at, const T* bt, int bh, int y, int x, const Clamp<T>* cl, T* band) {
+  const int W = P.W, st = P.ax.step;
   const T* arow = at + P.row(bh, y) * D * W + x;
   for (int ty = 0; ty < P.ky; ++ty) {
-    const T* brow = bt + P.row(bh, P.key_row(y, ty)) * D * W + P.ax.kstart[x];
+    const T* brow = bt + P.row(bh, P.key_row(y, ty)) * D * W;
     T* o = band + ty * P.kx * VL<T>;
+    const int col = P.ax.kstart[x];
     int tx = 0;
-    const int st = P.ax.step;
-    for (; tx + 4 <= P.kx; tx += 4) band_dots_group<T, D, 4>(arow, brow + tx * st, W, st, o + tx * VL<T>);
+    for (; tx + 4 <= P.kx; tx += 4)
+      band_dots_group<T, D, 4, Clamped>(arow, brow, W, col + tx * st, st, cl, tx, o + tx * VL<T>);
     switch (P.kx - tx) {
-      case 3: band_dots_group<T, D, 3>(arow, brow + tx * st, W, st, o + tx * VL<T>); break;
-      case 2: band_dots_group<T, D, 2>(arow, brow + tx * st, W, st, o + tx * VL<T>); break;
-      case 1: band_dots_group<T, D, 1>(arow, brow + tx * st, W, st, o + tx * VL<T>); break;
+      case 3: band_dots_group<T, D, 3, Clamped>(arow, brow, W, col + tx * st, st, cl, tx, o + tx * VL<T>); break;
+      case 2: band_dots_group<T, D, 2, Clamped>(arow, brow, W, col + tx * st, st, cl, tx, o + tx * VL<T>); break;
+      case 1: band_dots_group<T, D, 1, Clamped>(arow, brow, W, col + tx * st, st, cl, tx, o + tx * VL<T>); break;
       default: break;
     }
   }
@@ -263,17 +323,19 @@ inline void store_block(const vec<T>* acc, T alpha, T* o) {
 }
 
 // out(query x+i)[c] = alpha * sum_t w[t][i] * b(key t)[c] for the band at x, to the (W, D) layout.
-template <class T, int D>
-void band_combine(const Problem& P, const T* w, const T* bt, int bh, int y, int x, T alpha, T* out) {
-  const int W = P.W;
+template <class T, int D, bool Clamped>
+void band_combine(const Problem& P, const T* w, const T* bt, int bh, int y, int x, const Clamp<T>* cl, T alpha,
+                  T* out) {
+  const int W = P.W, col = P.ax.kstart[x];
   T* o = out + P.pos(bh, y, x) * D;
   for (int c0 = 0; c0 < D; c0 += CB) {
     vec<T> acc[CB] = {};
     for (int ty = 0; ty < P.ky; ++ty) {
-      const T* brow = bt + (P.row(bh, P.key_row(y, ty)) * D + c0) * W + P.ax.kstart[x];
+      const T* brow = bt + (P.row(bh, P.key_row(y, ty)) * D + c0) * W;
       for (int tx = 0; tx < P.kx; ++tx) {
         const vec<T> wt = load(w + (ty * P.kx + tx) * VL<T>);
-        for (int j = 0; j < CB; ++j) acc[j] += wt * load(brow + j * W + tx * P.ax.step);
+        for (int j = 0; j < CB; ++j)
+          acc[j] += wt * keys_at<T, Clamped>(brow + j * W, col + tx * P.ax.step, cl, tx);
       }
     }
     store_block<T, D>(acc, alpha, o + c0);
@@ -282,19 +344,25 @@ void band_combine(const Problem& P, const T* w, const T* bt, int bh, int y, int 
 
 // --------------------------------------------------------------------------------------- forward
 
-template <class T, int D>
+template <class T, int D, bool Clamped>
 void forward_band(const Problem& P, const T* qt, const T* kt, const T* vt, const T* bias, int bh, int y, int x,
-                  T* band, T* out, T* probs, T* lse) {
-  band_dots<T, D>(P, qt, kt, bh, y, x, band);
+                  const Clamp<T>* cl, T* band, T* out, T* probs, T* lse) {
+  band_dots<T, D, Clamped>(P, qt, kt, bh, y, x, cl, band);
   T mx[VL<T>], sum[VL<T>];
   for (int i = 0; i < VL<T>; ++i) mx[i] = -INFINITY, sum[i] = 0;
   for (int ty = 0; ty < P.ky; ++ty)
     for (int tx = 0; tx < P.kx; ++tx) {
       T* s = band + (ty * P.kx + tx) * VL<T>;
-      const T b = bias ? bias[P.bias_at(y, x, ty, tx)] : T(0);  // one offset for the whole band
+      T b[VL<T>];  // one offset for an interior band, per lane for a clamped one
+      if constexpr (Clamped) {
+        for (int i = 0; i < VL<T>; ++i) b[i] = bias ? bias[P.bias_row(y, ty) + cl->boff[i] + tx] : T(0);
+      } else {
+        const T b0 = bias ? bias[P.bias_at(y, x, ty, tx)] : T(0);
+        for (int i = 0; i < VL<T>; ++i) b[i] = b0;
+      }
 #pragma omp simd
       for (int i = 0; i < VL<T>; ++i) {
-        s[i] = (T)P.scale * s[i] + b;
+        s[i] = (T)P.scale * s[i] + b[i];
         mx[i] = std::max(mx[i], s[i]);
       }
     }
@@ -309,7 +377,7 @@ void forward_band(const Problem& P, const T* qt, const T* kt, const T* vt, const
 #pragma omp simd
     for (int i = 0; i < VL<T>; ++i) p[i] = (s[i] *= sum[i]);
   }
-  band_combine<T, D>(P, band, vt, bh, y, x, T(1), out);
+  band_combine<T, D, Clamped>(P, band, vt, bh, y, x, cl, T(1), out);
 }
 
 template <class T, int D>
@@ -342,12 +410,12 @@ void forward_query(const Problem& P, const T* q, const T* k, const T* v, const T
 // ------------------------------------------------------------------------------ backward, pass 1
 
 // ds = p * (dout . v - delta), delta = dout . out - glse; dq = scale * sum_t ds k; bias gradient.
-template <class T, int D>
+template <class T, int D, bool Clamped>
 void grad_query_band(const Problem& P, const T* kt, const T* vt, const T* out, const T* dout, const T* gt,
-                     const T* glse, const T* probs, int bh, int y, int x, int fresh, T* band, T* ds, T* dq,
-                     double* dbias) {
+                     const T* glse, const T* probs, int bh, int y, int x, int fresh, const Clamp<T>* cl, T* band,
+                     T* ds, T* dq, double* dbias) {
   const int d = P.D;
-  band_dots<T, D>(P, gt, vt, bh, y, x, band);
+  band_dots<T, D, Clamped>(P, gt, vt, bh, y, x, cl, band);
   T delta[VL<T>];
   for (int i = 0; i < VL<T>; ++i) {
     const int64_t qi = P.pos(bh, y, x + i);
@@ -366,9 +434,13 @@ void grad_query_band(const Problem& P, const T* kt, const T* vt, const T* out, c
         o[i] = s[i];
         total += i >= fresh ? s[i] : T(0);
       }
-      if (dbias) dbias[P.bias_at(y, x, ty, tx)] += total;
+      if (!dbias) continue;
+      if (Clamped)
+        for (int i = cl->lo; i < cl->hi; ++i) dbias[P.bias_row(y, ty) + cl->boff[i] + tx] += s[i];
+      else
+        dbias[P.bias_at(y, x, ty, tx)] += total;
     }
-  band_combine<T, D>(P, band, kt, bh, y, x, (T)P.scale, dq);
+  band_combine<T, D, Clamped>(P, band, kt, bh, y, x, cl, (T)P.scale, dq);
 }
 
 template <class T, int D>
@@ -472,21 +544,50 @@ inline std::vector<Item> schedule(const std::vector<int>& run, int L, int lanes,
   return items;
 }
 
+// Clamped bands for the borders of a query row at least VL/2 columns wide (d r >= 8 for floats: a
+// narrower border costs less one query at a time): a band at 0 and one at W - VL; the single
+// columns they cover leave `items`.
+template <class T>
+std::vector<Clamp<T>> border_bands(const Axis& a, int kx, std::vector<Item>& items) {
+  std::vector<Clamp<T>> clamps;
+  if (a.L < VL<T>) return clamps;
+  int begin = 0, end = a.L;
+  while (begin < a.L && !a.qrun[begin]) ++begin;
+  while (end > begin && !a.qrun[end - 1]) --end;
+  const int left_hi = std::min(begin, VL<T>), right_lo = std::max(end, a.L - VL<T>);
+  Clamp<T> b;
+  if (2 * left_hi >= VL<T> && make_clamp<T>(a, kx, 0, 0, left_hi, b)) clamps.push_back(b);
+  b = Clamp<T>();
+  if (2 * (a.L - right_lo) >= VL<T> && make_clamp<T>(a, kx, a.L - VL<T>, right_lo - (a.L - VL<T>), VL<T>, b))
+    clamps.push_back(b);
+  auto covered = [&](int x) {
+    for (const Clamp<T>& c : clamps)
+      if (x >= c.x + c.lo && x < c.x + c.hi) return true;
+    return false;
+  };
+  items.erase(std::remove_if(items.begin(), items.end(), [&](const Item& it) { return !it.band && covered(it.x); }),
+              items.end());
+  return clamps;
+}
+
 template <class T, int D>
 struct Forward {
   static void run(const Problem& P, const T* q, const T* k, const T* v, const T* qt, const T* kt, const T* vt,
                   const T* bias, T* out, T* probs, T* lse) {
     parallel_for((int64_t)P.BH * P.H, P.threads, [&](int64_t r0, int64_t r1, int) {
       std::vector<T> buf(P.K2 * VL<T>);
-      const std::vector<Item> items = schedule(P.ax.qrun, P.W, VL<T>, D > 0 && qt);
+      std::vector<Item> items = schedule(P.ax.qrun, P.W, VL<T>, D > 0 && qt);
+      const std::vector<Clamp<T>> clamps = D > 0 && qt ? border_bands<T>(P.ax, P.kx, items) : std::vector<Clamp<T>>{};
       for (int64_t r = r0; r < r1; ++r) {
         const int bh = (int)(r / P.H), y = (int)(r % P.H);
         const T* b = bias ? bias + (int64_t)(bh % P.heads) * P.Sy * P.Sx : nullptr;
         for (const Item& it : items)
           if (it.band)
-            forward_band<T, D>(P, qt, kt, vt, b, bh, y, it.x, buf.data(), out, probs, lse);
+            forward_band<T, D, false>(P, qt, kt, vt, b, bh, y, it.x, nullptr, buf.data(), out, probs, lse);
           else
             forward_query<T, D>(P, q, k, v, b, bh, y, it.x, buf.data(), out, probs, lse);
+        for (const Clamp<T>& cl : clamps)
+          forward_band<T, D, true>(P, qt, kt, vt, b, bh, y, cl.x, &cl, buf.data(), out, probs, lse);
       }
     });
   }
@@ -502,16 +603,20 @@ struct Backward {
     std::vector<double> acc(dbias ? threads * nb : 0, 0.0);  // per-thread bias gradient, summed in order
     parallel_for(rows, threads, [&](int64_t r0, int64_t r1, int th) {
       std::vector<T> buf(P.K2 * VL<T>);
-      const std::vector<Item> items = schedule(P.ax.qrun, P.W, VL<T>, D > 0 && gt);
+      std::vector<Item> items = schedule(P.ax.qrun, P.W, VL<T>, D > 0 && gt);
+      const std::vector<Clamp<T>> clamps = D > 0 && gt ? border_bands<T>(P.ax, P.kx, items) : std::vector<Clamp<T>>{};
       for (int64_t r = r0; r < r1; ++r) {
         const int bh = (int)(r / P.H), y = (int)(r % P.H);
         double* db = dbias ? acc.data() + th * nb + (int64_t)(bh % P.heads) * P.Sy * P.Sx : nullptr;
         for (const Item& it : items)
           if (it.band)
-            grad_query_band<T, D>(P, kt, vt, out, dout, gt, glse, probs, bh, y, it.x, it.fresh, buf.data(), ds, dq,
-                                  db);
+            grad_query_band<T, D, false>(P, kt, vt, out, dout, gt, glse, probs, bh, y, it.x, it.fresh, nullptr,
+                                         buf.data(), ds, dq, db);
           else
             grad_query<T, D>(P, k, v, out, dout, glse, probs, bh, y, it.x, ds, dq, db);
+        for (const Clamp<T>& cl : clamps)
+          grad_query_band<T, D, true>(P, kt, vt, out, dout, gt, glse, probs, bh, y, cl.x, 0, &cl, buf.data(), ds, dq,
+                                      db);
       }
     });
     if (dbias)
@@ -550,12 +655,24 @@ extern "C" {
 
 int va_na_version() { return 4; }
 
-// Columns of an axis (length L, kernel k, dilation d) that bands of `lanes` cover: queries (keys = 0)
-// or keys (keys = 1). Tests use it to make sure their shapes reach the band paths.
-int va_na_banded_columns(int L, int k, int d, int lanes, int keys) {
+// Columns of an axis (length L, kernel k, dilation d) that bands of `lanes` cover: interior query
+// bands (which = 0), key bands (1) or clamped border bands (2). Tests use it to make sure their
+// shapes reach each path.
+int va_na_banded_columns(int L, int k, int d, int lanes, int which) {
   const Axis a(L, k, d);
+  std::vector<Item> items = schedule(which == 1 ? a.krun : a.qrun, L, lanes, true);
   int covered = 0, last = -1;
-  for (const Item& it : schedule(keys ? a.krun : a.qrun, L, lanes, true))
+  if (which == 2) {
+    const auto count = [&](const auto& clamps) {
+      for (const auto& c : clamps) covered += c.hi - c.lo;
+    };
+    if (lanes == VL<float>)
+      count(border_bands<float>(a, k, items));
+    else
+      count(border_bands<double>(a, k, items));
+    return covered;
+  }
+  for (const Item& it : items)
     if (it.band) {
       covered += it.x + lanes - std::max(it.x, last + 1);
       last = it.x + lanes - 1;
