@@ -101,6 +101,7 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         "overrides": list(HydraConfig.get().overrides.task),
         "params": summary.params if summary else None,
         "gflops": summary.gflops if summary else None,
+        "reach": list(summary.reach) if summary else None,  # per stage: what one query sees
         "best_val_acc1": float(best) if best is not None else metrics.get("val/acc1"),
         "test_acc1": metrics.get("test/acc1"),
         "images_per_sec": metrics.get("train/images_per_sec"),  # all devices together

@@ -258,3 +258,31 @@ def test_pretrained_file_with_pickled_objects_is_refused_naming_it(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(1)}, "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(ConfigError, match=f"checkpoint {path} cannot be loaded with weights_only=True"):
         va.create_model("swin", "pico", num_classes=3, img_size=32, pretrained=str(path))
+
+
+@pytest.mark.parametrize(
+    "variant, kw, expected",
+    [
+        ("swin", {}, ["48x48 tokens: window 4 (16 px) / shifted window 4 (16 px)",
+                      "24x24 tokens: window 4 (32 px) / shifted window 4 (32 px)",
+                      "12x12 tokens: window 4 (64 px) / shifted window 4 (64 px)",
+                      "6x6 tokens: window 4 (128 px) / shifted window 4 (128 px)"]),
+        # swin_dilated cycles neighborhood (dilation ignored) and dilated blocks; 5 * 2 <= 24 fits.
+        ("swin_dilated", dict(dilations=[[1, 2], [2], [1], [1]]),
+         ["48x48 tokens: kernel 5 (20 px) / kernel 5 d2 (36 px)", "24x24 tokens: kernel 5 (40 px) / kernel 5 d2 (72 px)",
+          "12x12 tokens: kernel 5 (80 px)", "6x6 tokens: kernel 5 (160 px)"]),
+        ("maxvit_like", dict(global_tokens=2), ["48x48 tokens: window 4 (16 px) / grid 4 (sparse, whole map) + 2 global tokens"]),
+        ("swin_global", {}, ["48x48 tokens: global"]),
+        ("swin_sr", {}, ["48x48 tokens: global, keys pooled 8x8"]),
+    ],
+)
+def test_stage_reach_by_hand(variant, kw, expected):
+    model = va.create_model(variant, size="pico", img_size=192, **kw)
+    assert model.stage_reach(192)[: len(expected)] == expected
+
+
+def test_stage_reach_shrinks_to_the_map():
+    model = va.create_model("swin_local", size="pico", img_size=32)
+    assert model.stage_reach(32) == ["8x8 tokens: kernel 5 (20 px)", "4x4 tokens: global (kernel >= map)",
+                                     "2x2 tokens: global (kernel >= map)", "1x1 tokens: global (kernel >= map)"]
+    assert va.create_model("swin", size="pico", img_size=16).stage_reach(16)[0] == "4x4 tokens: global (window >= map)"

@@ -22,3 +22,13 @@ def test_aggregate_means_over_finished_seeds_and_sorts_by_accuracy():
     lines = table(rows).splitlines()
     assert lines[2].startswith("| swin_local | pico | shapes | 1 | 2.28 | 0.020 | 95.00 |")
     assert "| swin | pico | shapes | 2 | 2.28 | 0.020 | 85.00 ± 7.07 | 410 |" in lines[3]
+
+
+def test_table_shows_each_stage_reach_when_runs_recorded_it():
+    reach = ["48x48 tokens: kernel 5 (20 px) / kernel 5 d2 (36 px)", "24x24 tokens: kernel 5 (40 px)"]
+    rows = aggregate([{**run("swin_dilated", 0, 0.5), "reach": reach}, run("swin", 0, 0.4)])
+    lines = table(rows).splitlines()
+    assert lines[0].endswith("| reach per stage (what one query sees) |")
+    assert lines[2].endswith("| kernel 5 (20 px) / kernel 5 d2 (36 px); kernel 5 (40 px) |")
+    assert lines[3].endswith("| n/a |")
+    assert "reach" not in table(aggregate([run("swin", 0, 0.4)]))

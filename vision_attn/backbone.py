@@ -12,6 +12,7 @@ from .attention import AttnSpec
 from .blocks import Stage
 from .errors import ConfigError
 from .stems import create_stem
+from .tiling import run_tiles
 
 IntOrSeq = Union[int, Sequence[int]]
 WindowArg = Union[int, Sequence[Union[int, Sequence[int]]]]
@@ -96,11 +97,17 @@ class VisionAttnTransformer(nn.Module):
         lsh_hashes: int = 1,
         routed_topk: IntOrSeq = 4,
         window_padding: str = "mask",
+        tile_size: Optional[int] = None,
+        memory_tokens: int = 0,
+        memory_bptt: Optional[int] = None,
     ) -> None:
         super().__init__()
         n = len(depths)
         self.num_classes = num_classes
-        self.num_features = self.head_hidden_size = int(embed_dim * 2 ** (n - 1))
+        self.tile_size, self.memory_tokens, self.memory_bptt = tile_size, memory_tokens, memory_bptt
+        self.num_features = int(embed_dim * 2 ** (n - 1))
+        # With memory tokens the head reads the pooled features and the final memory side by side.
+        self.head_hidden_size = self.num_features * (2 if memory_tokens else 1)
         self.patch_embed = create_stem(stem, img_size, patch_size, in_chans, embed_dim)
         windows, kernels = stage_windows(window_size, n), per_stage(kernel_size, n)
         tokens, ratios = per_stage(global_tokens, n), per_stage(sr_ratio, n)
@@ -130,6 +137,7 @@ class VisionAttnTransformer(nn.Module):
                     drop_path=dpr[sum(depths[:i]) : sum(depths[: i + 1])],
                     layer_scale_init_value=layer_scale_init_value,
                     global_tokens=tokens[i],
+                    memory_tokens=memory_tokens,
                 )
             )
             reduction *= 2 if i > 0 else 1
@@ -137,13 +145,14 @@ class VisionAttnTransformer(nn.Module):
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
         self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(self.num_features, num_classes, global_pool, drop_rate, input_fmt="NHWC")
+        self.head = ClassifierHead(self.head_hidden_size, num_classes, global_pool, drop_rate, input_fmt="NHWC")
         self.apply(_init_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Relative position bias tables and global tokens get no weight decay (timm convention)."""
-        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n or "global_tokens" in n}
+        """Relative position bias tables, global and memory tokens get no weight decay (timm convention)."""
+        skip = ("relative_position_bias_table", "global_tokens", "memory_tokens")
+        return {n for n, _ in self.named_parameters() if any(s in n for s in skip)}
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -168,6 +177,12 @@ class VisionAttnTransformer(nn.Module):
         intermediates_only: bool = False,
     ) -> Union[list[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]:
         """Per-stage feature maps for dense tasks (timm API). ``NCHW`` or ``NHWC``."""
+        if self.streams:
+            raise ConfigError(
+                "forward_intermediates needs one feature map per stage, but this model runs tiles with a "
+                f"recurrent memory (model.tile_size={self.tile_size}, model.memory_tokens={self.memory_tokens}): "
+                "build the model with model.tile_size=null and model.memory_tokens=0 for dense features"
+            )
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
         take, max_index = feature_take_indices(len(self.layers), indices)
@@ -183,9 +198,65 @@ class VisionAttnTransformer(nn.Module):
             return intermediates
         return self.norm(x), intermediates
 
+    def stage_reach(self, img_size: IntOrSeq) -> list[str]:
+        """Per stage, what one query sees on an ``img_size`` image: the token map, then each kind's
+        reach with its extent in pixels, e.g. ``"48x48 tokens: window 4 (16 px) / shifted window 4 (16 px)"``."""
+        H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if self.tile_size:
+            H, W = min(H, self.tile_size), min(W, self.tile_size)
+        out = []
+        for stage, info in zip(self.layers, self.feature_info):
+            s = info["reduction"]
+            h, w = -(-H // s), -(-W // s)
+            labels: list[str] = []
+            for block in stage.blocks:
+                label, extent = block.attn.reach(h, w)
+                if extent is not None:
+                    px = extent[0] * s if extent[0] == extent[1] else f"{extent[0] * s}x{extent[1] * s}"
+                    label += f" ({px} px)"
+                if label not in labels:
+                    labels.append(label)
+            extra = [f"{t.shape[1]} {name} tokens" for name, t in
+                     (("global", stage.global_tokens), ("memory", stage.memory_tokens)) if t is not None]
+            out.append(f"{h}x{w} tokens: " + " / ".join(labels) + "".join(f" + {e}" for e in extra))
+        return out
+
+    @property
+    def streams(self) -> bool:
+        """Whether images run as a tile stream (``tile_size`` or ``memory_tokens`` set)."""
+        return bool(self.tile_size or self.memory_tokens)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` image -> normed ``(B, h, w, C)`` final feature map."""
+        """``(B, C, H, W)`` image -> normed ``(B, h, w, C)`` final feature map.
+
+        Tile streams (:mod:`vision_attn.tiling`) have no single map: they return the pooled
+        features (and final memory) as a ``(B, 1, 1, head_hidden_size)`` map.
+        """
+        if self.streams:
+            return self._forward_stream(x)
         return self.norm(self.layers(self.patch_embed(x)))
+
+    def _forward_stream(self, x: torch.Tensor) -> torch.Tensor:
+        """Tiles in raster order, each reading and writing every stage's memory (see tiling.py)."""
+        B, _, H, W = x.shape
+        memory = [stage.initial_memory(B) for stage in self.layers] if self.memory_tokens else []
+        pooled, memory = run_tiles(x, self.tile_size or max(H, W), self._forward_tile, memory, self.memory_bptt)
+        if self.memory_tokens:
+            pooled = torch.cat([pooled, self.norm(memory[-1]).mean(1)], -1)
+        return pooled[:, None, None, :]
+
+    def _forward_tile(
+        self, x: torch.Tensor, position: torch.Tensor, *memory: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One tile -> its pooled normed features ``(B, C)`` and every stage's updated memory."""
+        x = self.patch_embed(x)
+        if not memory:
+            return self.norm(self.layers(x)).mean((1, 2)), ()
+        written = []
+        for stage, m in zip(self.layers, memory):
+            x, m = stage.forward_memory(x, position, m)
+            written.append(m)
+        return self.norm(x).mean((1, 2)), tuple(written)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnSpec, create_attention
 from .stems import create_downsample
+from .tiling import POSITION_BANDS
 
 
 class Block(nn.Module):
@@ -73,6 +74,7 @@ class Stage(nn.Module):
         layer_scale_init_value: Optional[float] = None,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         global_tokens: int = 0,
+        memory_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.grad_checkpointing = False
@@ -82,6 +84,13 @@ class Stage(nn.Module):
         self.global_tokens = nn.Parameter(torch.zeros(1, global_tokens, out_dim)) if global_tokens else None
         if self.global_tokens is not None:
             trunc_normal_(self.global_tokens, std=0.02)
+        # ``memory_tokens``: the learned initial memory of a tile stream (read and written like global
+        # tokens, carried from tile to tile by the caller: see vision_attn/tiling.py).
+        self.memory_tokens = nn.Parameter(torch.zeros(1, memory_tokens, out_dim)) if memory_tokens else None
+        # ... and where each tile lies, told to the memory before the tile reads it.
+        self.memory_position = nn.Linear(4 * POSITION_BANDS, out_dim) if memory_tokens else None
+        if self.memory_tokens is not None:
+            trunc_normal_(self.memory_tokens, std=0.02)
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -101,17 +110,32 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         if self.global_tokens is not None:
-            return self._forward_global(x)
+            return self._forward_global(x)[0]
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
-    def _forward_global(self, x: torch.Tensor) -> torch.Tensor:
-        """Blocks on the map plus this stage's global tokens; the tokens end with the stage."""
-        g = self.global_tokens.repeat(x.shape[0], 1, 1)  # a copy: an expanded leaf trips hooks under no_grad
+    def initial_memory(self, batch: int) -> torch.Tensor:
+        """The learned memory ``(B, M, C)`` a tile stream starts from (one copy per image)."""
+        return self.memory_tokens.repeat(batch, 1, 1)
+
+    def forward_memory(
+        self, x: torch.Tensor, position: torch.Tensor, memory: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One tile through the stage: the memory ``(B, M, C)`` is told the tile's ``position``
+        (:func:`~vision_attn.tiling.position_features`), the map reads it like global tokens (after this
+        stage's own global tokens, if any) and the same blocks write its new state."""
+        memory = memory + self.memory_position(position)
+        return self._forward_global(self.downsample(x), memory)
+
+    def _forward_global(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks on the map plus this stage's global tokens (and a carried memory); the global
+        tokens end with the stage, the memory's new state is returned."""
+        parts = [] if self.global_tokens is None else [self.global_tokens.repeat(x.shape[0], 1, 1)]
+        g = torch.cat(parts + [memory], 1) if memory is not None else parts[0]  # repeat: a copy (no_grad hooks)
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x, g = checkpoint(block.forward_global, x, g, use_reentrant=False)
             else:
                 x, g = block.forward_global(x, g)
-        return x
+        return x, g[:, g.shape[1] - (0 if memory is None else memory.shape[1]):]

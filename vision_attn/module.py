@@ -85,6 +85,8 @@ class ClassificationModule(L.LightningModule):
         rank_zero_info(f"model: {self.hparams['model'].get('variant')} {self.hparams['model'].get('size')}: {summary}")
         for logger in self.loggers:
             logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)
+            if summary.reach:
+                logger.log_hyperparams({"model_reach": list(summary.reach)})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

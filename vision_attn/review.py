@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 COLUMNS = ["variant", "size", "data", "seeds", "params (M)", "GFLOPs", "best val top-1", "images/s", "peak mem (MB)",
            "wall time (s)"]
+REACH_COLUMN = "reach per stage (what one query sees)"
 
 
 def _from_wandb_offline(run_dir: Path) -> Optional[dict[str, Any]]:
@@ -41,6 +42,7 @@ def _from_wandb_offline(run_dir: Path) -> Optional[dict[str, Any]]:
         "images_per_sec": s.get("train/images_per_sec"),
         "peak_mem_mb": s.get("train/peak_mem_mb"),
         "wall_time_s": s.get("_runtime"),
+        "reach": c.get("model_reach"),
     }
 
 
@@ -97,6 +99,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "acc": acc, "acc_sd": acc_sd, "ips": ips, "ips_sd": ips_sd,
             "mem": max((r.get("peak_mem_mb") or 0) for r in runs),
             "wall": _mean_std([r.get("wall_time_s") for r in runs])[0],
+            "reach": next((r["reach"] for r in runs if r.get("reach")), None),
         })
     return sorted(rows, key=lambda r: (-(r["acc"] if r["acc"] == r["acc"] else -1), r["variant"]))
 
@@ -105,13 +108,21 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "n/a" if x is None or x != x else format(x, spec)
 
 
+def _reach(stages: Optional[list[str]]) -> str:
+    """``["48x48 tokens: window 4 (16 px)", ...]`` -> ``"window 4 (16 px); ..."`` (one cell)."""
+    return "; ".join(s.split(": ", 1)[-1] for s in stages) if stages else "n/a"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    """Markdown table of :func:`aggregate`'s rows; a reach column when the runs recorded one."""
+    reach = any(r.get("reach") for r in rows)
+    columns = COLUMNS + [REACH_COLUMN] * reach
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         acc = f"{100 * r['acc']:.2f}" + (f" ± {100 * r['acc_sd']:.2f}" if r["seeds"] > 1 else "")
         cells = [r["variant"], r["size"], r["data"] or "", str(r["seeds"]),
                  _fmt(r["params"] / 1e6 if r["params"] else None, ".2f"), _fmt(r["gflops"], ".3f"), acc,
-                 _fmt(r["ips"], ".0f"), _fmt(r["mem"], ".0f"), _fmt(r["wall"], ".0f")]
+                 _fmt(r["ips"], ".0f"), _fmt(r["mem"], ".0f"), _fmt(r["wall"], ".0f")] + [_reach(r.get("reach"))] * reach
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -32,11 +32,13 @@ class ModelSummary:
     params: int
     gflops: float  # multiply-adds / 1e9 for one image, the convention of the Swin / NAT papers
     img_size: tuple[int, int]
+    reach: tuple[str, ...] = ()  # per stage: what one query sees (VisionAttnTransformer.stage_reach)
 
     def __str__(self) -> str:
         h, w = self.img_size
+        stages = "".join(f"\n  stage {i + 1}: {r}" for i, r in enumerate(self.reach))
         return (f"{self.params / 1e6:.2f} M params, {self.gflops:.3f} GFLOPs at {h}x{w} "
-                "(multiply-adds, the papers' convention; Lightning's table counts 2 FLOPs each)")
+                "(multiply-adds, the papers' convention; Lightning's table counts 2 FLOPs each)" + stages)
 
 
 def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3) -> ModelSummary:
@@ -50,4 +52,5 @@ def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int =
         model(x)
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
-    return ModelSummary(params, counter.get_total_flops() / 2e9, (h, w))
+    reach = tuple(model.stage_reach((h, w))) if hasattr(model, "stage_reach") else ()
+    return ModelSummary(params, counter.get_total_flops() / 2e9, (h, w), reach)

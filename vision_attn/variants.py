@@ -114,14 +114,38 @@ def _validate_beyond_local(kwargs: dict[str, Any]) -> None:
             f"model.lsh_buckets={buckets} must be 0 (auto: 2 * ceil(tokens / lsh_chunk)) or an even integer >= 2"
         )
     tokens = kwargs.get("global_tokens", 0)
-    if any(tokens) if isinstance(tokens, (list, tuple)) else tokens:
+    for key, value in (("global_tokens", tokens), ("memory_tokens", kwargs.get("memory_tokens", 0))):
+        if not (any(value) if isinstance(value, (list, tuple)) else value):
+            continue
         kinds = dict.fromkeys(kwargs["block_pattern"])
         unsupported = [k for k in kinds if not attention_class(k).supports_global_tokens()]
         if unsupported:
             raise ConfigError(
-                f"model.global_tokens={tokens} is not supported by attention kinds {unsupported} in "
+                f"model.{key}={value} is not supported by attention kinds {unsupported} in "
                 f"model.block_pattern; use 0 or kinds that expose attend_lse()"
             )
+
+
+def _validate_tiles(kwargs: dict[str, Any]) -> None:
+    """``model.tile_size`` / ``memory_tokens`` / ``memory_bptt`` (vision_attn/tiling.py)."""
+    def integer(key: str, minimum: int) -> Any:
+        value = kwargs.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+            raise ConfigError(f"model.{key}={value} must be null or an integer >= {minimum}")
+        return value
+
+    reduction = kwargs.get("patch_size", 4) * 2 ** (len(kwargs["depths"]) - 1)
+    tile = integer("tile_size", reduction)
+    if tile is not None and tile % reduction:
+        raise ConfigError(
+            f"model.tile_size={tile} must be a multiple of the backbone's total stride {reduction} "
+            f"(patch size x 2^(stages-1)), so that tiles cut the token maps of every stage cleanly; e.g. "
+            f"{max(reduction, tile // reduction * reduction)}"
+        )
+    memory, bptt = integer("memory_tokens", 0), integer("memory_bptt", 1)
+    if bptt is not None and not memory:
+        raise ConfigError(f"model.memory_bptt={bptt} has no effect without memory: set model.memory_tokens >= 1 "
+                          "or model.memory_bptt=null")
 
 
 STEMS, DOWNSAMPLERS = ("patch", "conv"), ("merge", "conv")
@@ -194,6 +218,7 @@ def validate(kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"model.block_pattern has unknown attention kinds {unknown}; registered: {attention_kinds()}")
     _validate_windows(kwargs, len(depths))
     _validate_beyond_local(kwargs)
+    _validate_tiles(kwargs)
 
 
 def create_model(

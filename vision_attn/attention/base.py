@@ -1,6 +1,8 @@
 """Shared qkv / output projection for attention modules on channels-last maps."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -79,6 +81,11 @@ class QKVAttention(nn.Module):
         """``(B, heads, H, W, D)`` attention output -> projected ``(B, H, W, C)``."""
         B, nh, H, W, D = out.shape
         return self.proj_drop(self.proj(out.permute(0, 2, 3, 1, 4).reshape(B, H, W, nh * D)))
+
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        """What one query sees on a ``height x width`` map: a label and its extent in tokens
+        ``(rows, cols)``, or None when it spans the whole map (each kind says; default: global)."""
+        return "global", None
 
     @property
     def exposes_attend(self) -> bool:

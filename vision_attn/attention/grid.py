@@ -54,5 +54,10 @@ class GridAttention(TiledAttentionModule):
     def patterns(self, H: int, W: int) -> tuple[AxisPattern, AxisPattern]:
         return grid_axis(H, self.grid_size), grid_axis(W, self.grid_size)
 
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        if self.grid_size >= max(height, width):
+            return "global (grid >= map)", None
+        return f"grid {self.grid_size} (sparse, whole map)", None
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, grid={self.grid_size}"

@@ -223,6 +223,11 @@ class LSHAttention(QKVAttention):
         counts = torch.where(others.sum(-1, keepdim=True) > 0, others, counts)
         return (counts / counts.sum(-1, keepdim=True)).view(self.num_heads, len(points), H, W)
 
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        if 2 * self.chunk >= height * width:
+            return "global (chunks >= map)", None
+        return f"hashed chunks of {self.chunk} (content)", None
+
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.num_heads}, chunk={self.chunk}, hashes={self.n_hashes}, "
                 f"buckets={self.buckets or 'auto'}, bias_clip={self.window_size}")

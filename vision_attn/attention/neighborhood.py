@@ -515,6 +515,15 @@ class NeighborhoodAttention(TiledAttentionModule):
         patterns = self.patterns(q.shape[2], q.shape[3])
         return neighborhood_kernel(q, k, v, *patterns, self.bias_grid(), self.scale, self.dropout_p, return_lse=True)
 
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        (ky, dy), (kx, dx) = (axis_kernel_dilation(n, self.kernel_size, self.dilation) for n in (height, width))
+        extent = ((ky - 1) * dy + 1, (kx - 1) * dx + 1)
+        if (ky, kx) == (height, width):
+            return "global (kernel >= map)", None
+        kernel = str(ky) if ky == kx else f"{ky}x{kx}"
+        dil = "" if (dy, dx) == (1, 1) else f" d{dy}" if dy == dx else f" d{dy}x{dx}"
+        return f"kernel {kernel}{dil}", extent
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, kernel={self.kernel_size}, dilation={self.dilation}"
 

@@ -165,5 +165,8 @@ class RoutedAttention(QKVAttention):
         mask = torch.stack([torch.isin(region_of, idx[int(region_of[py, px])]) for py, px in points]).to(x.dtype)
         return (mask / mask.sum((-1, -2), keepdim=True)).expand(self.num_heads, -1, -1, -1)
 
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        return f"top-{self.topk} routed regions of {self.region}x{self.region} (content)", None
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, region={self.region}, topk={self.topk}"

@@ -154,5 +154,8 @@ class SpatialReductionAttention(QKVAttention):
         count = torch.bincount((cy[:, None] * Wr + cx[None, :]).flatten(), minlength=Hr * Wr).view(Hr, Wr)
         return (cells / count)[:, :, cy][:, :, :, cx]
 
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        return ("global" if self.sr_ratio == 1 else f"global, keys pooled {self.sr_ratio}x{self.sr_ratio}"), None
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, heads={self.num_heads}, sr_ratio={self.sr_ratio}, bias_clip={self.window_size}"

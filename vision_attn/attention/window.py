@@ -391,6 +391,12 @@ class WindowAttention(QKVAttention):
         out = windowed_sdpa(q, k, v, geo, self.bias_grid(), self.scale, self.dropout_p)
         return unpartition(self.merge_heads(out), geo)
 
+    def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
+        wh, ww = min(self.window_size[0], height), min(self.window_size[1], width)
+        if (wh, ww) == (height, width):
+            return "global (window >= map)", None
+        return f"{'shifted ' if self.shifted else ''}window {_fmt((wh, ww))}", (wh, ww)
+
     def extra_repr(self) -> str:
         pad = ", padding=timm" if self.padding == "timm" else ""
         return (f"dim={self.dim}, heads={self.num_heads}, window={_fmt(self.window_size)}, "

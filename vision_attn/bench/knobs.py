@@ -37,15 +37,18 @@ KNOBS = {
 }
 
 
-def make_step(knob: str, variant: str, size: str, img: int, batch: int, device: str) -> Callable[[], None]:
-    """A closure running one training step with ``knob`` on; models and data seeded alike."""
+def make_step(knob: str, variant: str, size: str, img: int, batch: int, device: str,
+              **model_overrides: object) -> Callable[[], None]:
+    """A closure running one training step with ``knob`` on; models and data seeded alike.
+
+    ``model_overrides``: further model config keys (e.g. ``tile_size``, ``memory_tokens``)."""
     from vision_attn.module import ClassificationModule
 
     spec = dict(KNOBS[knob])
     precision = spec.pop("precision", "32-true")
     torch.manual_seed(0)
     module = ClassificationModule(
-        model=dict(variant=variant, size=size, **spec),
+        model=dict(variant=variant, size=size, **spec, **model_overrides),
         num_classes=10,
         img_size=img,
         optim=dict(opt="adamw", lr=1e-3, weight_decay=0.05),

@@ -18,6 +18,9 @@ step of ``bench knobs``) at each resolution in turn, smallest first.
   ``swin_global`` and ``swin_sr``). Over ``--mem-budget-gb`` (default 80 % of MemAvailable, or
   of free GPU memory) it is skipped, as are larger ones. Likewise a point whose predicted two
   steps exceed ``--max-seconds-per-point`` is skipped, and a point that runs past it is killed.
+* Tiles: ``--tile-size T [--memory-tokens M]`` adds a tiled series per variant and checkpointing
+  setting (``model.tile_size=T model.memory_tokens=M``: tiles in raster order with a recurrent
+  memory, each tile recomputed in backward; see ``vision_attn/tiling.py``).
 * Output: ``--out``/resolution.md (a headline with the largest trainable resolution per variant,
   then the full table) and resolution.png (peak memory and step time against pixels, log-log:
   one colour per variant, solid circles without checkpointing, dashed squares with it).
@@ -66,10 +69,20 @@ class Series:
     variant: str
     ckpt: bool
     points: list[Point] = field(default_factory=list)
+    tile: Optional[int] = None  # model.tile_size (None: untiled)
+    memory: int = 0  # model.memory_tokens
+
+    @property
+    def name(self) -> str:
+        """The variant, with its tiling when tiled: ``swin_local, tiles 512 + 8 memory``."""
+        return self.variant if self.tile is None else f"{self.variant}, tiles {self.tile} + {self.memory} memory"
 
     @property
     def label(self) -> str:
-        return f"{self.variant} ({'ckpt' if self.ckpt else 'no ckpt'})"
+        return f"{self.name} ({'ckpt' if self.ckpt else 'no ckpt'})"
+
+    def overrides(self) -> dict:
+        return {} if self.tile is None else dict(tile_size=self.tile, memory_tokens=self.memory)
 
     def measured(self) -> list[Point]:
         return [p for p in self.points if p.skip is None]
@@ -143,12 +156,12 @@ def default_budget_mb(device: str) -> float:
 
 
 def measure_here(variant: str, size: str, res: int, ckpt: bool, reps: int, device: str,
-                 max_seconds: float) -> dict:
+                 max_seconds: float, **overrides: object) -> dict:
     """One point, in this (fresh) process: resting memory, peak memory, median step time."""
     from vision_attn.bench.knobs import make_step
 
     cuda = device.startswith("cuda")
-    step = make_step("grad_ckpt" if ckpt else "fp32", variant, size, res, 1, device)
+    step = make_step("grad_ckpt" if ckpt else "fp32", variant, size, res, 1, device, **overrides)
     start = time.perf_counter()
     try:
         step()  # warm-up: optimizer state, lazily built index plans
@@ -165,11 +178,13 @@ def measure_here(variant: str, size: str, res: int, ckpt: bool, reps: int, devic
 
 
 def measure(variant: str, size: str, res: int, ckpt: bool, reps: int, device: str, threads: int,
-            max_seconds: float) -> Point:
+            max_seconds: float, tile: Optional[int] = None, memory: int = 0) -> Point:
     """:func:`measure_here` in a fresh interpreter, killed after ``max_seconds`` (plus start-up)."""
     cmd = [sys.executable, "-m", "vision_attn.bench.resolution", "--point", variant, size, str(res),
            str(int(ckpt)), "--reps", str(reps), "--device", device, "--threads", str(threads),
            "--max-seconds-per-point", str(max_seconds)]
+    if tile is not None:
+        cmd += ["--tile-size", str(tile), "--memory-tokens", str(memory)]
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                MALLOC_MMAP_THRESHOLD_="65536")  # freed tensors go back to the OS (as bench knobs)
@@ -186,13 +201,13 @@ def measure(variant: str, size: str, res: int, ckpt: bool, reps: int, device: st
 
 def run_series(series: Series, resolutions: Sequence[int], args: argparse.Namespace, budget_mb: float) -> None:
     """Measure ``series`` at each resolution, smallest first, skipping what the predictor rules out."""
-    quadratic = series.variant in QUADRATIC
+    quadratic = series.variant in QUADRATIC and series.tile is None
     for res in sorted(resolutions):
         why = skip_reason(series.points, res, quadratic, budget_mb, args.max_seconds_per_point)
         t0 = time.perf_counter()
         point = Point(res, skip=why) if why else measure(
             series.variant, args.size, res, series.ckpt, args.reps, args.device, args.threads,
-            args.max_seconds_per_point)
+            args.max_seconds_per_point, series.tile, series.memory)
         series.points.append(point)
         print(f"{series.label} {res}²: {cell(point)}  [{time.perf_counter() - t0:.0f} s]", flush=True)
 
@@ -206,12 +221,12 @@ def cell(p: Point) -> str:
 
 def headline(series: Sequence[Series]) -> str:
     """The largest trainable resolution per variant, without and with checkpointing."""
-    variants = list(dict.fromkeys(s.variant for s in series))
+    variants = list(dict.fromkeys(s.name for s in series))
     rows = []
     for v in variants:
         row = [v]
         for ckpt in (False, True):
-            s = next((s for s in series if s.variant == v and s.ckpt == ckpt), None)
+            s = next((s for s in series if s.name == v and s.ckpt == ckpt), None)
             big = s.largest() if s else None
             row.append("-" if s is None else ("none" if big is None else f"{big}²"))
         rows.append(row)
@@ -223,7 +238,7 @@ def table(series: Sequence[Series], resolutions: Sequence[int]) -> str:
     rows = []
     for s in series:
         by_res = {p.res: p for p in s.points}
-        rows.append([s.variant, "yes" if s.ckpt else "no"] +
+        rows.append([s.name, "yes" if s.ckpt else "no"] +
                     [cell(by_res[r]) if r in by_res else "-" for r in sorted(resolutions)])
     return markdown_table(["variant", "grad ckpt"] + [f"{r}²" for r in sorted(resolutions)], rows)
 
@@ -254,13 +269,13 @@ def plot(series: Sequence[Series], path: Path) -> None:
 
     from vision_attn.visualize import series_styles
 
-    colors = series_styles(list(dict.fromkeys(s.variant for s in series)))
+    colors = series_styles(list(dict.fromkeys(s.name for s in series)))
     fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.8))
     for s in series:
         pts = s.measured()
         if not pts:
             continue
-        style = dict(color=colors[s.variant]["color"], marker="s" if s.ckpt else "o",
+        style = dict(color=colors[s.name]["color"], marker="s" if s.ckpt else "o",
                      linestyle="--" if s.ckpt else "-")
         px = [p.pixels for p in pts]
         axes[0].plot(px, [p.peak_mb for p in pts], label=s.label, **style)
@@ -287,6 +302,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads per point (0 = torch default)")
     p.add_argument("--out", type=Path, default=Path("bench_out"), help="directory for resolution.{md,png}")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="also run each variant as tiles of this many pixels (model.tile_size)")
+    p.add_argument("--memory-tokens", type=int, default=0, help="model.memory_tokens of the tiled series")
     p.add_argument("--point", nargs=4, metavar=("VARIANT", "SIZE", "RES", "CKPT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.variants) - set(VARIANTS))
@@ -296,6 +314,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         p.error(f"--resolutions must be positive, got {args.resolutions}")
     if args.reps < 1:
         p.error(f"--reps must be at least 1, got {args.reps}")
+    if args.tile_size is not None and (args.tile_size < 32 or args.tile_size % 32):
+        p.error(f"--tile-size must be a positive multiple of 32 (the backbone's stride), got {args.tile_size}")
+    if args.memory_tokens < 0 or (args.memory_tokens and args.tile_size is None):
+        p.error(f"--memory-tokens {args.memory_tokens} needs --tile-size and must be >= 0")
     return args
 
 
@@ -305,12 +327,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.point:
         variant, size, res, ckpt = args.point
+        tiles = {} if args.tile_size is None else dict(tile_size=args.tile_size, memory_tokens=args.memory_tokens)
         print(json.dumps(measure_here(variant, size, int(res), bool(int(ckpt)), args.reps, args.device,
-                                      args.max_seconds_per_point)))
+                                      args.max_seconds_per_point, **tiles)))
         return 0
     budget_mb = args.mem_budget_gb * 1024 if args.mem_budget_gb is not None else default_budget_mb(args.device)
     ckpts = {"both": [False, True], "on": [True], "off": [False]}[args.ckpt]
     series = [Series(v, c) for v in args.variants for c in ckpts]
+    if args.tile_size is not None:
+        series += [Series(v, c, tile=args.tile_size, memory=args.memory_tokens) for v in args.variants for c in ckpts]
     for s in series:
         run_series(s, args.resolutions, args, budget_mb)
     text = report(series, args.resolutions, args, budget_mb)

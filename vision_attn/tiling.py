@@ -1,0 +1,86 @@
+"""Images larger than memory: tiles in raster order with a recurrent memory (RMT / Transformer-XL style).
+
+With ``model.tile_size=T`` the backbone cuts an image into ``T x T`` tiles (the last row and
+column may be narrower) and runs them one after another, top-left to bottom-right, row by row.
+With ``model.memory_tokens=M`` every stage keeps ``M`` memory tokens for the image: each tile's
+map attends to them like global tokens (read), the same blocks update them from the tile's tokens
+(write), and the updated memory is what the next tile reads. The state lives in the forward call:
+each image starts from the stage's learned initial memory, nothing is kept on the module, so a
+checkpoint taken between any two batches resumes exactly.
+
+* Where: before a tile reads the memory, each stage adds a learned projection of the tile's
+  position (Fourier features of its centre as a fraction of the image height and width) to the
+  memory tokens, so the memory knows where what it writes came from. The tiles themselves see no
+  absolute position (the backbone has relative position biases only), so independent tiles
+  cannot tell where they lie.
+* Features: the area-weighted mean of the tiles' pooled, normed feature maps; with memory, the
+  mean of the last stage's final memory tokens (normed) is concatenated to it, and the head reads
+  both. ``memory_tokens=0`` with tiles is the baseline: independent tiles, pooled and averaged.
+* Gradients flow through the memory across tiles; ``memory_bptt=K`` cuts them every ``K`` tiles
+  (the memory is detached before tiles ``K, 2K, ...``).
+* While gradients are on, every tile runs under activation checkpointing: the step keeps one
+  tile's activations at a time (its forward is recomputed in backward), so peak memory is bounded
+  by a tile, not by the image.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+Box = tuple[int, int, int, int]  # top, left, bottom, right (pixels, exclusive ends)
+TileFn = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+POSITION_BANDS = 4  # frequencies 1, 2, 4, 8 (times pi) per axis: 16 features
+
+
+def position_features(box: Box, height: int, width: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fourier features ``(4 * POSITION_BANDS,)`` of a tile's centre as a fraction of the image size."""
+    top, left, bottom, right = box
+    centre = torch.tensor([(top + bottom) / (2 * height), (left + right) / (2 * width)], device=device)
+    angles = centre[:, None] * (torch.pi * 2.0 ** torch.arange(POSITION_BANDS, device=device))
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten()
+
+
+def tile_boxes(height: int, width: int, tile: int) -> list[Box]:
+    """``T x T`` tiles covering ``height x width`` in raster order (row by row, left to right)."""
+    return [
+        (top, left, min(top + tile, height), min(left + tile, width))
+        for top in range(0, height, tile)
+        for left in range(0, width, tile)
+    ]
+
+
+def run_tiles(
+    image: torch.Tensor,
+    tile: int,
+    tile_fn: TileFn,
+    memory: Sequence[torch.Tensor],
+    bptt: Optional[int] = None,
+    checkpoint_tiles: bool = True,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run ``tile_fn(tile_image, position, *memory) -> (pooled (B, F), new memory)`` over the tiles.
+
+    ``position`` is the tile's :func:`position_features`.
+
+    Returns the area-weighted mean of the pooled features and the memory after the last tile.
+    ``bptt``: detach the memory every ``bptt`` tiles (None = full backpropagation through tiles).
+    ``checkpoint_tiles``: recompute each tile in backward (only where gradients are on).
+    """
+    H, W = image.shape[-2:]
+    boxes = tile_boxes(H, W, tile)
+    memory = tuple(memory)
+    pooled_sum: Optional[torch.Tensor] = None
+    use_ckpt = checkpoint_tiles and torch.is_grad_enabled() and len(boxes) > 1
+    for t, (top, left, bottom, right) in enumerate(boxes):
+        if bptt and t and t % bptt == 0:
+            memory = tuple(m.detach() for m in memory)
+        crop = image[..., top:bottom, left:right]
+        where = position_features((top, left, bottom, right), H, W, image.device).to(image.dtype)
+        if use_ckpt:
+            pooled, memory = checkpoint(tile_fn, crop, where, *memory, use_reentrant=False)
+        else:
+            pooled, memory = tile_fn(crop, where, *memory)
+        weighted = pooled * ((bottom - top) * (right - left) / (H * W))
+        pooled_sum = weighted if pooled_sum is None else pooled_sum + weighted
+    return pooled_sum, tuple(memory)
