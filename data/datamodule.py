@@ -133,6 +133,7 @@ class ShapesDataModule(BaseDataModule):
         seed: int = 0,
         num_classes: Optional[int] = None,
         augment: Optional[Mapping[str, Any]] = None,
+        task: str = "direction",
     ) -> None:
         recipe = (augment or {}).get("recipe")
         if recipe is not None:
@@ -149,15 +150,23 @@ class ShapesDataModule(BaseDataModule):
             )
         super().__init__(image_size, batch_size, num_workers, augment)
         check_positive(train_size=train_size, val_size=val_size, test_size=test_size)
+        self.task = task
+        if task != "direction":
+            if self.name != "shapes" or task not in shapes.TASKS:
+                choices = list(shapes.TASKS) if self.name == "shapes" else ["direction"]
+                raise ConfigError(f"data.task={task!r}: {self.name} has the tasks {choices}")
+            self.classes = shapes.TASKS[task]
         if num_classes not in (None, len(self.classes)):
-            raise ConfigError(f"data.num_classes={num_classes}: {self.name} has exactly {len(self.classes)} classes")
+            what = f"{self.name} (data.task={task})" if self.name == "shapes" else self.name
+            raise ConfigError(f"data.num_classes={num_classes}: {what} has exactly {len(self.classes)} classes; "
+                              "set data.num_classes=null (counted) or that number")
         self.num_classes = len(self.classes)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.seed = seed
 
     def setup(self, stage: Optional[str] = None) -> None:
         for split, length in self.sizes.items():
-            self.splits.setdefault(split, self.dataset(split, length, self.image_size, self.seed))
+            self.splits.setdefault(split, self.dataset(split, length, self.image_size, self.seed, task=self.task))
 
 
 class PhotosDataModule(ShapesDataModule):

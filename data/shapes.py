@@ -4,19 +4,30 @@ Each image holds a disk (object A) and a square (object B) far apart (at least 0
 image side). The label is the compass direction from A to B in 8 sectors (E, NE, N, ...),
 so the class depends on the relation between two distant objects: no single local window
 sees both. Angles keep a 7.5 degree margin from sector borders, so labels are unambiguous.
+
+``task="match"`` (for high resolution, where the direction is slow to learn): two objects as
+far apart, each a disk or a square in one of four colours; the label says whether they match in
+colour and in shape (4 classes). It needs the two objects side by side somewhere in the network,
+yet no geometry: a model that pools what it sees of each object separately and averages (e.g.
+independent tiles) cannot tell "same" from "different", since the mixed pair's mean lies
+between the two matched pairs' means.
 Image ``i`` of a split is a pure function of ``(seed, split, i)``; splits use disjoint
 random streams, so train, val and test never share an image.
 """
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 CLASSES = ("east", "north-east", "north", "north-west", "west", "south-west", "south", "south-east")
+MATCH_CLASSES = ("same colour, same shape", "same colour, other shape", "other colour, same shape",
+                 "other colour, other shape")
+TASKS = {"direction": CLASSES, "match": MATCH_CLASSES}
+PALETTE = ((220, 60, 40), (40, 90, 220), (60, 190, 70), (230, 200, 50))  # red, blue, green, yellow
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MEAN, STD = (0.175, 0.165, 0.175), (0.15, 0.10, 0.15)  # measured over 2000 images
 
@@ -45,18 +56,44 @@ def _layout(rng: np.random.Generator, label: int, size: int) -> tuple[float, flo
             return ax, ay, bx, by, radius
 
 
-def render(seed: int, split: str, index: int, size: int) -> tuple[np.ndarray, int]:
-    """Render image ``index`` of ``split`` as uint8 ``(size, size, 3)`` and its label."""
+def _mask(kind: int, cx: float, cy: float, r: float, size: int) -> np.ndarray:
+    """Pixels of a disk (``kind`` 0) or a square (1) centred at ``(cx, cy)``."""
+    yy, xx = _pixel_grid(size)
+    if kind == 0:
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    return np.maximum(np.abs(xx - cx), np.abs(yy - cy)) <= r * 0.9
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    oy, ox = rng.integers(0, size, 2)
+    return rng.uniform(0, 80, 3).astype(np.float32) + _noise_bank(size)[oy : oy + size, ox : ox + size]
+
+
+def render(seed: int, split: str, index: int, size: int, task: str = "direction") -> tuple[np.ndarray, int]:
+    """Render image ``index`` of ``split`` as uint8 ``(size, size, 3)`` and its label (``task``: see above)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
+    if task == "match":
+        return _render_match(rng, size)
     label = int(rng.integers(len(CLASSES)))
     ax, ay, bx, by, r = _layout(rng, label, size)
-    yy, xx = _pixel_grid(size)
-    oy, ox = rng.integers(0, size, 2)
-    img = rng.uniform(0, 80, 3).astype(np.float32) + _noise_bank(size)[oy : oy + size, ox : ox + size]
-    disk = (xx - ax) ** 2 + (yy - ay) ** 2 <= r**2
-    square = np.maximum(np.abs(xx - bx), np.abs(yy - by)) <= r * 0.9
-    img[disk] = (220, 60, 40) + rng.uniform(-25, 25, 3)
-    img[square] = (40, 90, 220) + rng.uniform(-25, 25, 3)
+    img = _background(rng, size)
+    img[_mask(0, ax, ay, r, size)] = (220, 60, 40) + rng.uniform(-25, 25, 3)
+    img[_mask(1, bx, by, r, size)] = (40, 90, 220) + rng.uniform(-25, 25, 3)
+    return np.clip(img, 0, 255).astype(np.uint8), label
+
+
+def _render_match(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]:
+    """Two far-apart objects; label = 2 * (colours differ) + (shapes differ)."""
+    label = int(rng.integers(len(MATCH_CLASSES)))
+    other_colour, other_shape = divmod(label, 2)
+    colour_a = int(rng.integers(len(PALETTE)))
+    colour_b = (colour_a + int(rng.integers(1, len(PALETTE)))) % len(PALETTE) if other_colour else colour_a
+    shape_a = int(rng.integers(2))
+    shape_b = 1 - shape_a if other_shape else shape_a
+    ax, ay, bx, by, r = _layout(rng, int(rng.integers(len(CLASSES))), size)
+    img = _background(rng, size)
+    for shape, colour, cx, cy in ((shape_a, colour_a, ax, ay), (shape_b, colour_b, bx, by)):
+        img[_mask(shape, cx, cy, r, size)] = PALETTE[colour] + rng.uniform(-25, 25, 3)
     return np.clip(img, 0, 255).astype(np.uint8), label
 
 
@@ -70,9 +107,14 @@ class ShapesDataset(Dataset):
     classes = CLASSES
     render = staticmethod(render)  # (seed, split, index, size) -> (uint8 HWC image, label)
 
-    def __init__(self, split: str, length: int, image_size: int = 64, seed: int = 0, cache: bool = True) -> None:
+    def __init__(self, split: str, length: int, image_size: int = 64, seed: int = 0, cache: bool = True,
+                 task: str = "direction") -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+        if task != "direction":  # the class's own render and classes otherwise (subclasses: photos)
+            if task not in TASKS:
+                raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+            self.classes, self.render = TASKS[task], partial(render, task=task)
         self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
         self.cache: dict[int, tuple[torch.Tensor, int]] | None = {} if cache else None
 

@@ -98,3 +98,40 @@ def test_bench_entry_point_lists_resolution(capsys):
     with pytest.raises(SystemExit):
         main(["resolution", "--help"])
     assert "largest trainable resolution" in capsys.readouterr().out
+
+
+def test_tiled_series_pass_their_tiles_to_the_child_and_get_their_own_rows(monkeypatch, tmp_path):
+    seen = []
+
+    class Done:
+        returncode, stderr = 0, ""
+        stdout = '{"peak_mb": 900.0, "base_mb": 800.0, "step_s": 0.5, "reps": 1}\n'
+
+    monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Done())
+    argv = ["--variants", "swin_local", "--resolutions", "256", "--ckpt", "off", "--tile-size", "64",
+            "--memory-tokens", "8", "--mem-budget-gb", "4", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    seen = [c for c in seen if "--point" in c]  # (machine() runs commands too)
+    assert [c[c.index("--point") + 1:c.index("--point") + 5] for c in seen] == [["swin_local", "pico", "256", "0"]] * 2
+    assert "--tile-size" not in seen[0] and seen[1][-4:] == ["--tile-size", "64", "--memory-tokens", "8"]
+    md = (tmp_path / "resolution.md").read_text()
+    assert "| swin_local, tiles 64 + 8 memory | no | 900 MB / 0.50 s |" in md
+    assert "| swin_local, tiles 64 + 8 memory | 256² | - |" in md
+    for bad in (["--tile-size", "48"], ["--memory-tokens", "4"]):
+        with pytest.raises(SystemExit):
+            bench.parse(["--variants", "swin"] + bad)
+
+
+def test_tiled_point_builds_a_tiled_model(monkeypatch):
+    from vision_attn.bench import knobs
+
+    built = {}
+    real = knobs.make_step
+
+    def spy(*args, **overrides):
+        built.update(overrides)
+        return real(*args, **overrides)
+
+    monkeypatch.setattr(knobs, "make_step", spy)
+    out = bench.measure_here("swin_local", "pico", 64, False, 1, "cpu", 60.0, tile_size=32, memory_tokens=2)
+    assert built == dict(tile_size=32, memory_tokens=2) and out["step_s"] > 0

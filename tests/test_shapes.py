@@ -84,3 +84,50 @@ def test_datamodule_normalises_on_device_after_transfer():
 def test_bad_data_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"data.{key}"):
         ShapesDataModule(**{key: value})
+
+
+def match_objects(img: np.ndarray) -> list[tuple[int, str, tuple[float, float]]]:
+    """(palette colour, "disk"/"square", centre) of each object, from the pixels alone: object
+    pixels share one exact colour with a channel >= 165 (the background stays below ~120)."""
+    from data.shapes import PALETTE
+
+    flat = img.reshape(-1, 3)
+    colours, counts = np.unique(flat, axis=0, return_counts=True)
+    found = []
+    for colour in colours[(counts >= 30) & (colours.max(1) >= 160)]:
+        mask = (img == colour).all(-1)
+        ys, xs = np.nonzero(mask)
+        fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))  # disk pi/4, square 1
+        nearest = int(np.argmin([np.abs(colour.astype(int) - p).sum() for p in PALETTE]))
+        found.append((nearest, "square" if fill > 0.9 else "disk", centroid(mask)))
+    return found
+
+
+@pytest.mark.parametrize("size", [96, 192])
+def test_match_label_says_whether_two_far_apart_objects_match(size):
+    from data.shapes import MATCH_CLASSES
+
+    labels = []
+    for i in range(48):
+        img, label = render(1, "train", i, size, task="match")
+        (ca, sa, (ax, ay)), (cb, sb, (bx, by)) = match_objects(img)
+        assert label == 2 * (ca != cb) + (sa != sb), (i, label, ca, cb, sa, sb)
+        assert math.hypot(bx - ax, by - ay) >= 0.38 * size  # as far apart as the direction task's
+        labels.append(label)
+    assert set(labels) == set(range(len(MATCH_CLASSES)))
+
+
+def test_match_task_through_the_datamodule_and_bad_task_names_the_key():
+    dm = ShapesDataModule(image_size=64, task="match", train_size=4, val_size=4, test_size=4)
+    dm.setup()
+    assert dm.num_classes == 4 and dm.classes[0] == "same colour, same shape"
+    img, label = dm.splits["val"][2]
+    ref, ref_label = render(0, "val", 2, 64, task="match")
+    assert torch.equal(img, torch.from_numpy(ref).permute(2, 0, 1)) and label == ref_label
+    # the direction task is untouched by the option
+    assert torch.equal(ShapesDataModule(image_size=64, train_size=4, val_size=4, test_size=4).dataset(
+        "val", 4, 64, 0)[2][0], torch.from_numpy(render(0, "val", 2, 64)[0]).permute(2, 0, 1))
+    with pytest.raises(ConfigError, match=r"data.task='count': shapes has the tasks \['direction', 'match'\]"):
+        ShapesDataModule(task="count")
+    with pytest.raises(ConfigError, match=r"data.num_classes=8: shapes \(data.task=match\) has exactly 4"):
+        ShapesDataModule(task="match", num_classes=8)

@@ -197,3 +197,21 @@ def test_every_kind_with_global_tokens_carries_memory(kind: str) -> None:
 def test_bad_tile_settings_name_the_key(overrides: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         create_model("swin_local", size="pico", **overrides)
+
+
+def test_what_a_stream_keeps_for_backward_is_the_memory_not_the_tiles() -> None:
+    """Outside the per-tile checkpoints, the graph keeps only the image, each tile's memory and a few
+    small tensors: not any tile's activations (a sliced memory once kept each tile's last token map)."""
+    model = _model(tile_size=64, memory_tokens=8).train()
+    x = torch.randn(1, 3, 256, 256)
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    kept.pop(x.untyped_storage().data_ptr())
+    memory_bytes = 8 * (32 + 64 + 128 + 256) * 4  # M tokens x the stage widths, float32, per tile
+    assert sum(kept.values()) < 16 * 2 * memory_bytes, sum(kept.values())

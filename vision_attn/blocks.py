@@ -138,4 +138,8 @@ class Stage(nn.Module):
                 x, g = checkpoint(block.forward_global, x, g, use_reentrant=False)
             else:
                 x, g = block.forward_global(x, g)
-        return x, g[:, g.shape[1] - (0 if memory is None else memory.shape[1]):]
+        if memory is None:
+            return x, g[:, :0]
+        # A copy: a slice would keep this stage's whole last token tensor (map + tokens) alive for
+        # as long as the memory is, i.e. every tile's map until the image's backward.
+        return x, g[:, g.shape[1] - memory.shape[1]:].clone()
