@@ -158,8 +158,9 @@ class ShapesDataModule(BaseDataModule):
             self.classes = shapes.TASKS[task]
         if num_classes not in (None, len(self.classes)):
             what = f"{self.name} (data.task={task})" if self.name == "shapes" else self.name
+            hint = " (data=shapes_match sets both)" if task == "match" else ""
             raise ConfigError(f"data.num_classes={num_classes}: {what} has exactly {len(self.classes)} classes; "
-                              "set data.num_classes=null (counted) or that number")
+                              f"set data.num_classes={len(self.classes)} or null{hint}")
         self.num_classes = len(self.classes)
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
         self.seed = seed

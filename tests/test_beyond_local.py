@@ -368,3 +368,12 @@ def test_flop_summary_of_every_new_variant(variant: str) -> None:
 
     summary = summarize(va.create_model(variant, "pico", num_classes=3, img_size=32), 32)
     assert summary.params > 0 and summary.gflops > 0
+
+
+def test_learned_attention_maps_of_a_tiled_memory_model_show_the_first_tile() -> None:
+    model = va.create_model("swin_local", "pico", num_classes=3, img_size=64, tile_size=32, memory_tokens=2).eval()
+    maps, points = learned_maps(model, torch.randn(1, 3, 64, 64))
+    assert list(maps) == [f"block {i}: neighborhood (+2 memory tokens, not drawn) [first 32px tile]" for i in (0, 1)]
+    for m in maps.values():
+        assert m.shape == (3, 8, 8)  # a 32 px tile's stage-1 map, not the image's 16 x 16
+        torch.testing.assert_close(m.sum((-1, -2)), torch.ones(3), rtol=1e-5, atol=1e-5)

@@ -37,6 +37,19 @@ def test_defaults_compose_to_swin_on_shapes_with_wandb():
     assert isinstance(module.hparams["model"], dict)  # plain containers in checkpoints
 
 
+def test_shapes_match_and_tiles_compose_into_a_four_class_tiled_memory_model():
+    cfg = cfg_with("data=shapes_match", "data.image_size=128", "model=swin_local", "model.tile_size=64",
+                   "model.memory_tokens=4")
+    dm = instantiate(cfg.data)
+    assert dm.task == "match" and dm.num_classes == cfg.data.num_classes == 4
+    module = instantiate(cfg.module)
+    assert module.model.num_classes == 4 and module.model.tile_size == 64
+    assert module.model.layers[3].memory_tokens.shape == (1, 4, 256)
+    with pytest.raises(Exception, match=r"data.num_classes=8: .* exactly 4 classes; set data.num_classes=4 or "
+                                          r"null \(data=shapes_match sets both\)"):
+        instantiate(cfg_with("data.task=match").data)
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_variant_has_a_config(variant):
     cfg = cfg_with(f"model={variant}")

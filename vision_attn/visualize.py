@@ -111,7 +111,8 @@ def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: l
 def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -> tuple[dict[str, torch.Tensor], list]:
     """Head-averaged attention of each block of ``stage`` for one image: ``{label: (P, h, w)}``.
 
-    With global tokens the maps show the map-token part of each query's attention, renormalised.
+    With global (or memory) tokens the maps show the map-token part of each query's attention,
+    renormalised. A tiled model (``model.tile_size``) shows its first tile.
     """
     inputs: list[torch.Tensor] = []
     blocks = list(model.layers[stage].blocks)
@@ -128,8 +129,12 @@ def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -
             hook.remove()
     h, w = inputs[0].shape[1:3]
     points = query_points(h, w)
-    tokens = getattr(model.layers[stage], "global_tokens", None)
-    extra = "" if tokens is None else f" (+{tokens.shape[1]} global tokens, not drawn)"
+    layer = model.layers[stage]
+    tokens = [f"+{t.shape[1]} {name} tokens" for name in ("global", "memory")
+              if (t := getattr(layer, f"{name}_tokens", None)) is not None]
+    extra = f" ({', '.join(tokens)}, not drawn)" if tokens else ""
+    if getattr(model, "tile_size", None) and max(images.shape[-2:]) > model.tile_size:
+        extra += f" [first {model.tile_size}px tile]"
     maps = {
         f"block {i}: {b.attn.kind}{extra}": b.attn.attention_maps(x, points).mean(0)
         for i, (b, x) in enumerate(zip(blocks, inputs))
