@@ -216,9 +216,7 @@ class VisionAttnTransformer(nn.Module):
                     label += f" ({px} px)"
                 if label not in labels:
                     labels.append(label)
-            extra = [f"{t.shape[1]} {name} tokens" for name, t in
-                     (("global", stage.global_tokens), ("memory", stage.memory_tokens)) if t is not None]
-            out.append(f"{h}x{w} tokens: " + " / ".join(labels) + "".join(f" + {e}" for e in extra))
+            out.append(f"{h}x{w} tokens: " + " / ".join(labels) + "".join(f" + {e}" for e in stage.extra_tokens()))
         return out
 
     @property

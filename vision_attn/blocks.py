@@ -115,6 +115,11 @@ class Stage(nn.Module):
             return checkpoint_seq(self.blocks, x)
         return self.blocks(x)
 
+    def extra_tokens(self) -> list[str]:
+        """The stage's token sets besides the map, e.g. ``["4 global tokens", "8 memory tokens"]``."""
+        return [f"{t.shape[1]} {name} tokens" for name, t in
+                (("global", self.global_tokens), ("memory", self.memory_tokens)) if t is not None]
+
     def initial_memory(self, batch: int) -> torch.Tensor:
         """The learned memory ``(B, M, C)`` a tile stream starts from (one copy per image)."""
         return self.memory_tokens.repeat(batch, 1, 1)

@@ -118,7 +118,9 @@ def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -
     blocks = list(model.layers[stage].blocks)
 
     def keep(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
-        if out.dim() == 4:  # the attention's map input (norm1 also sees global tokens, (B, G, C))
+        # the attention's map input (norm1 also sees global tokens, (B, G, C)); a tiled model's
+        # later tiles run the same blocks again: only the first tile's inputs are kept
+        if out.dim() == 4 and len(inputs) < len(blocks):
             inputs.append(out[:1].detach())
 
     hooks = [b.norm1.register_forward_hook(keep) for b in blocks]
@@ -129,12 +131,11 @@ def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -
             hook.remove()
     h, w = inputs[0].shape[1:3]
     points = query_points(h, w)
-    layer = model.layers[stage]
-    tokens = [f"+{t.shape[1]} {name} tokens" for name in ("global", "memory")
-              if (t := getattr(layer, f"{name}_tokens", None)) is not None]
+    tokens = [f"+{t}" for t in model.layers[stage].extra_tokens()]
     extra = f" ({', '.join(tokens)}, not drawn)" if tokens else ""
-    if getattr(model, "tile_size", None) and max(images.shape[-2:]) > model.tile_size:
-        extra += f" [first {model.tile_size}px tile]"
+    tile = getattr(model, "tile_size", None)
+    if tile and max(images.shape[-2:]) > tile:
+        extra += f" [first {tile}px tile]"
     maps = {
         f"block {i}: {b.attn.kind}{extra}": b.attn.attention_maps(x, points).mean(0)
         for i, (b, x) in enumerate(zip(blocks, inputs))
