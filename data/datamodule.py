@@ -158,7 +158,7 @@ class ShapesDataModule(BaseDataModule):
             self.classes = shapes.TASKS[task]
         if num_classes not in (None, len(self.classes)):
             what = f"{self.name} (data.task={task})" if self.name == "shapes" else self.name
-            hint = " (data=shapes_match sets both)" if task == "match" else ""
+            hint = f" (data=shapes_{task} sets both)" if task != "direction" else ""
             raise ConfigError(f"data.num_classes={num_classes}: {what} has exactly {len(self.classes)} classes; "
                               f"set data.num_classes={len(self.classes)} or null{hint}")
         self.num_classes = len(self.classes)

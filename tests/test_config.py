@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import subprocess
 import sys
 import textwrap
 
 import lightning as L
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
@@ -151,6 +153,45 @@ def test_attention_ablation_sweeps_every_variant_at_comparable_size():
             c = compose("config", overrides=["experiment=attention_ablation", f"model={variant}"])
         counts[variant] = sum(p.numel() for p in instantiate(c.module).model.parameters())
     assert max(counts.values()) <= 1.1 * min(counts.values()), counts
+
+
+def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
+    """experiment=attention_ablation_hires: the issue's seven variants, 3 seeds, >= 192 px, on a task whose
+    two objects lie farther apart than every local kind's stage-1 and stage-2 reach."""
+    import re
+
+    from data.shapes import render
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=attention_ablation_hires"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert set(params.model.split(",")) == {"swin", "swin_window", "swin_local", "swin_dilated", "maxvit_like",
+                                            "swin_global_tokens", "swin_global"}
+    assert params.seed == "0,1,2" and list(params)[0] == "seed"  # seeds slowest: a cut-short sweep stays paired
+    size = cfg.data.image_size
+    assert size >= 192 and cfg.data.task == "side" and cfg.data.num_classes == 2 and cfg.model.size == "pico"
+    gap = min(math.hypot(*(np.subtract(*shape_centres(render(0, "val", i, size, task="side")[0]))))
+              for i in range(20))
+    for variant in params.model.split(","):
+        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+            c = compose("config", overrides=["experiment=attention_ablation_hires", f"model={variant}"])
+        reach = instantiate(c.module).model.stage_reach(size)
+        assert reach[0].startswith(f"{size // 4}x{size // 4} tokens"), reach
+        if variant in ("swin", "swin_window", "swin_local", "swin_dilated"):
+            for stage in reach[:2]:
+                assert max(int(px) for px in re.findall(r"\((\d+) px\)", stage)) < gap, (variant, stage, gap)
+        if variant == "swin_global":
+            assert all("global" in stage for stage in reach), reach
+
+
+def shape_centres(img: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centres of the red disk and the blue square of a ``shapes`` image, from its pixels."""
+    r, b = img[..., 0].astype(int), img[..., 2].astype(int)
+    centres = []
+    for mask in ((r > 150) & (b < 120), (b > 150) & (r < 120)):
+        ys, xs = np.nonzero(mask)
+        centres.append((xs.mean(), ys.mean()))
+    return centres[0], centres[1]
 
 
 # A notebook or another project's test: plain Hydra, nothing of ours imported before compose.

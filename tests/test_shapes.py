@@ -127,7 +127,33 @@ def test_match_task_through_the_datamodule_and_bad_task_names_the_key():
     # the direction task is untouched by the option
     assert torch.equal(ShapesDataModule(image_size=64, train_size=4, val_size=4, test_size=4).dataset(
         "val", 4, 64, 0)[2][0], torch.from_numpy(render(0, "val", 2, 64)[0]).permute(2, 0, 1))
-    with pytest.raises(ConfigError, match=r"data.task='count': shapes has the tasks \['direction', 'match'\]"):
+    with pytest.raises(ConfigError, match=r"data.task='count': shapes has the tasks \['direction', 'match', 'side'\]"):
         ShapesDataModule(task="count")
     with pytest.raises(ConfigError, match=r"data.num_classes=8: shapes \(data.task=match\) has exactly 4"):
         ShapesDataModule(task="match", num_classes=8)
+
+
+@pytest.mark.parametrize("size", [64, 192])
+def test_side_label_says_whether_the_square_lies_east_or_west_of_the_disk(size):
+    labels = []
+    for i in range(80):
+        img, label = render(2, "train", i, size, task="side")
+        (ax, ay), (bx, by) = objects(img)
+        angle = math.degrees(math.atan2(ay - by, bx - ax))  # image y points down
+        off_horizontal = abs(angle) if label == 0 else 180 - abs(angle)
+        assert off_horizontal <= 61, (i, angle, label)  # 60 degrees, and a 30 degree margin to the other side
+        assert math.hypot(bx - ax, by - ay) >= 0.38 * size
+        labels.append(label)
+    assert set(labels) == {0, 1} and 25 <= sum(labels) <= 55
+
+
+def test_side_task_through_the_datamodule():
+    dm = ShapesDataModule(image_size=48, task="side", train_size=4, val_size=4, test_size=4)
+    dm.setup()
+    assert dm.num_classes == 2 and dm.classes == ("east", "west")
+    img, label = dm.splits["train"][1]
+    ref, ref_label = render(0, "train", 1, 48, task="side")
+    assert torch.equal(img, torch.from_numpy(ref).permute(2, 0, 1)) and label == ref_label
+    with pytest.raises(ConfigError, match=r"data.num_classes=8: shapes \(data.task=side\) has exactly 2 classes; "
+                                          r"set data.num_classes=2 or null \(data=shapes_side sets both\)"):
+        ShapesDataModule(task="side", num_classes=8)
