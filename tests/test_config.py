@@ -161,6 +161,7 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
     import re
 
     from data.shapes import render
+    from test_shapes import objects
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=attention_ablation_hires"], return_hydra_config=True)
@@ -170,7 +171,7 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
     assert params.seed == "0,1,2" and list(params)[0] == "seed"  # seeds slowest: a cut-short sweep stays paired
     size = cfg.data.image_size
     assert size >= 192 and cfg.data.task == "side" and cfg.data.num_classes == 2 and cfg.model.size == "pico"
-    gap = min(math.hypot(*(np.subtract(*shape_centres(render(0, "val", i, size, task="side")[0]))))
+    gap = min(math.hypot(*(np.subtract(*objects(render(0, "val", i, size, task="side")[0]))))
               for i in range(20))
     for variant in params.model.split(","):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -182,16 +183,6 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
                 assert max(int(px) for px in re.findall(r"\((\d+) px\)", stage)) < gap, (variant, stage, gap)
         if variant == "swin_global":
             assert all("global" in stage for stage in reach), reach
-
-
-def shape_centres(img: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Centres of the red disk and the blue square of a ``shapes`` image, from its pixels."""
-    r, b = img[..., 0].astype(int), img[..., 2].astype(int)
-    centres = []
-    for mask in ((r > 150) & (b < 120), (b > 150) & (r < 120)):
-        ys, xs = np.nonzero(mask)
-        centres.append((xs.mean(), ys.mean()))
-    return centres[0], centres[1]
 
 
 # A notebook or another project's test: plain Hydra, nothing of ours imported before compose.
