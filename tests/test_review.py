@@ -32,3 +32,18 @@ def test_table_shows_each_stage_reach_when_runs_recorded_it():
     assert lines[2].endswith("| kernel 5 (20 px) / kernel 5 d2 (36 px); kernel 5 (40 px) |")
     assert lines[3].endswith("| n/a |")
     assert "reach" not in table(aggregate([run("swin", 0, 0.4)]))
+
+
+def test_runs_that_differ_in_a_setting_are_not_averaged_as_seeds():
+    """A sweep like ``seed=0,1 model.memory_tokens=8,0`` gives one row per setting, named by it; settings
+    that every run shares, and the keys that are columns already, stay out of the name."""
+    common = ["model=swin_local", "data=shapes_side", "data.image_size=256", "experiment=x"]
+    runs = [{**run("swin_local", seed, acc), "overrides": [f"seed={seed}", f"model.memory_tokens={m}", *common]}
+            for seed, m, acc in ((0, 8, 0.9), (1, 8, 0.8), (0, 0, 0.5), (1, 0, 0.6))]
+    rows = aggregate(runs + [run("swin", 0, 0.7)])  # a record without overrides (W&B) keeps its plain name
+    assert [(r["variant"], r["setting"], r["seeds"]) for r in rows] == [
+        ("swin_local", "model.memory_tokens=8", 2), ("swin", "", 1), ("swin_local", "model.memory_tokens=0", 2)]
+    assert rows[0]["acc"] == pytest.approx(0.85) and rows[2]["acc"] == pytest.approx(0.55)
+    lines = table(rows).splitlines()
+    assert lines[2].startswith("| swin_local [model.memory_tokens=8] | pico | shapes | 2 |")
+    assert lines[3].startswith("| swin | pico |")

@@ -82,18 +82,34 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
+_NAMED = {"seed", "model", "model.size", "data", "experiment"}  # already a column, or what seeds vary
+
+
+def _settings(records: list[dict[str, Any]]) -> list[str]:
+    """Per run, the command-line overrides in which it differs from other runs (beyond the variant,
+    size, data and seed), e.g. ``"model.memory_tokens=8"``: a sweep over them is not a sweep over seeds."""
+    def overrides(r: dict[str, Any]) -> dict[str, str]:
+        pairs = (o.split("=", 1) for o in r.get("overrides") or () if "=" in o)
+        return {k.lstrip("+~"): v for k, v in pairs if k.lstrip("+~") not in _NAMED}
+
+    per_run = [overrides(r) for r in records]
+    known = [o for r, o in zip(records, per_run) if r.get("overrides") is not None]  # W&B records have none
+    varying = sorted(k for k in set().union(*known) if len({o.get(k) for o in known}) > 1)
+    return [" ".join(f"{k}={o[k]}" for k in varying if k in o) for o in per_run]
+
+
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group runs by (variant, size, data); mean ± std over seeds; sorted by accuracy."""
+    """Group runs by (variant, size, data, setting); mean ± std over seeds; sorted by accuracy."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[(r["variant"], r["size"], r.get("data"))].append(r)
+    for r, setting in zip(records, _settings(records)):
+        groups[(r["variant"], r["size"], r.get("data"), setting)].append(r)
     rows = []
-    for (variant, size, data), runs in groups.items():
+    for (variant, size, data, setting), runs in groups.items():
         runs = [r for r in runs if r.get("best_val_acc1") is not None] or runs  # unfinished runs don't count
         acc, acc_sd = _mean_std([r.get("best_val_acc1") for r in runs])
         ips, ips_sd = _mean_std([r.get("images_per_sec") for r in runs])
         rows.append({
-            "variant": variant, "size": size, "data": data,
+            "variant": variant, "setting": setting, "size": size, "data": data,
             "seeds": sum(r.get("best_val_acc1") is not None for r in runs),
             "params": runs[0].get("params"), "gflops": runs[0].get("gflops"),
             "acc": acc, "acc_sd": acc_sd, "ips": ips, "ips_sd": ips_sd,
@@ -101,7 +117,12 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "wall": _mean_std([r.get("wall_time_s") for r in runs])[0],
             "reach": next((r["reach"] for r in runs if r.get("reach")), None),
         })
-    return sorted(rows, key=lambda r: (-(r["acc"] if r["acc"] == r["acc"] else -1), r["variant"]))
+    return sorted(rows, key=lambda r: (-(r["acc"] if r["acc"] == r["acc"] else -1), _name(r)))
+
+
+def _name(row: dict[str, Any]) -> str:
+    """The variant, and the setting that tells its rows apart (``swin_local [model.memory_tokens=8]``)."""
+    return f"{row['variant']} [{row['setting']}]" if row.get("setting") else row["variant"]
 
 
 def _fmt(x: Optional[float], spec: str) -> str:
@@ -120,7 +141,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         acc = f"{100 * r['acc']:.2f}" + (f" ± {100 * r['acc_sd']:.2f}" if r["seeds"] > 1 else "")
-        cells = [r["variant"], r["size"], r["data"] or "", str(r["seeds"]),
+        cells = [_name(r), r["size"], r["data"] or "", str(r["seeds"]),
                  _fmt(r["params"] / 1e6 if r["params"] else None, ".2f"), _fmt(r["gflops"], ".3f"), acc,
                  _fmt(r["ips"], ".0f"), _fmt(r["mem"], ".0f"), _fmt(r["wall"], ".0f")] + [_reach(r.get("reach"))] * reach
         lines.append("| " + " | ".join(cells) + " |")
@@ -138,14 +159,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from .visualize import series_styles
 
     datasets = sorted({r["data"] or "" for r in rows})
-    models = sorted({(r["variant"], r["size"]) for r in rows})
+    models = sorted({(_name(r), r["size"]) for r in rows})
     style = series_styles(models)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 2.2, 4.2), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         for r in rows:
             if (r["data"] or "") == data:
                 ax.errorbar(r["ips"], 100 * r["acc"], xerr=r["ips_sd"], yerr=100 * r["acc_sd"], capsize=3,
-                            markersize=7, linestyle="none", **style[(r["variant"], r["size"])])
+                            markersize=7, linestyle="none", **style[(_name(r), r["size"])])
         ax.set_title(data or "runs")
         ax.set_xlabel("training throughput (images/s)")
         ax.grid(alpha=0.3)
