@@ -46,15 +46,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=["fused", "torch"])
-def na_route(request, monkeypatch):
-    """Run a neighborhood / dilated test through both CPU routes: the fused C++ kernel and the
-    pure-PyTorch tiled kernel ($VISION_ATTN_NA_KERNEL)."""
-    monkeypatch.setenv("VISION_ATTN_NA_KERNEL", request.param)
-    return request.param
+@pytest.fixture(params=["fused", "tiled"])
+def na_route(request):
+    """Run a neighborhood / dilated test through both CPU training routes: the fused C++ kernel and
+    the pure-PyTorch tiled kernel (forced through ``backends.force``)."""
+    from vision_attn.attention import backends
+
+    with backends.force(request.param):
+        yield request.param
 
 
 @pytest.fixture
-def tiled_route(monkeypatch):
+def tiled_route():
     """Pin the pure-PyTorch tiled kernel (tests of its tiles, chunks and dropout)."""
-    monkeypatch.setenv("VISION_ATTN_NA_KERNEL", "torch")
+    from vision_attn.attention import backends
+
+    with backends.force("tiled"):
+        yield

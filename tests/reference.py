@@ -1,4 +1,4 @@
-"""Brute-force references: full (H*W) x (H*W) masked attention built from DESIGN.md semantics.
+"""Brute-force references: full (H*W) x (H*W) masked attention built from docs/attention.md semantics.
 
 Deliberately naive (explicit index arithmetic, no partitioning) so that it shares no code with
 the kernels under test.
@@ -74,7 +74,7 @@ def axis_pairs_reference(allowed_y, offset_y, allowed_x, offset_x, grid=None):
 def neighborhood_axis_reference(length: int, kernel: int, dilation: int = 1):
     """Per axis [query][key]: allowed and group-coordinate offset (0 where not allowed).
 
-    DESIGN.md: shrink k to L; if k * d > L use d = max(1, L // k); group ``i mod d``; inside a
+    docs/attention.md: shrink k to L; if k * d > L use d = max(1, L // k); group ``i mod d``; inside a
     group of n tokens, group index j attends ``start .. start+k-1``, ``start = clamp(j - k//2, 0, n-k)``.
     """
     k = min(kernel, length)

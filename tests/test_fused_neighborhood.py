@@ -11,7 +11,7 @@ import torch
 
 import vision_attn.attention.neighborhood as nb
 from vision_attn import create_model
-from vision_attn.attention import fused
+from vision_attn.attention import backends, fused
 from vision_attn.errors import ConfigError
 
 from reference import neighborhood_reference, random_bias, random_qkv
@@ -21,10 +21,10 @@ pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C++ compiler
 
 def _run(route: str, monkeypatch, q, k, v, grid, kernel: int, dilation: int, gout, lse: bool = False):
     """Output (and log-sum-exp) and the gradients of q, k, v and the bias through ``route``."""
-    monkeypatch.setenv(fused.ROUTE_ENV, route)
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, grid)]
     py, px = nb.neighborhood_patterns(q.shape[2], q.shape[3], kernel, dilation)
-    res = nb.neighborhood_kernel(*leaves[:3], py, px, leaves[3], return_lse=lse)
+    with backends.force(route):
+        res = nb.neighborhood_kernel(*leaves[:3], py, px, leaves[3], return_lse=lse)
     outs = list(res) if lse else [res]
     loss = (outs[0] * gout).sum() + (outs[1].sin().sum() if lse else 0)
     return outs + list(torch.autograd.grad(loss, leaves))
@@ -40,7 +40,7 @@ def test_band_paths_match_brute_force_and_the_tiled_kernel(kernel: int, dilation
     grid = random_bias(2, kernel)
     gout = random_qkv(2, 2, H, W, D=16, seed=99)[0]
     fused_res = _run("fused", monkeypatch, q, k, v, grid, kernel, dilation, gout)
-    tiled_res = _run("torch", monkeypatch, q, k, v, grid, kernel, dilation, gout)
+    tiled_res = _run("tiled", monkeypatch, q, k, v, grid, kernel, dilation, gout)
     for name, a, b in zip(("out", "dq", "dk", "dv", "dbias"), fused_res, tiled_res):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
     torch.testing.assert_close(fused_res[0], neighborhood_reference(q, k, v, kernel, dilation, grid),
@@ -64,12 +64,12 @@ def test_the_sweep_reaches_the_band_paths() -> None:
 
 
 @pytest.mark.parametrize("H,W,kernel,dilation,D", [(3, 12, 3, 1, 16), (4, 18, 3, 2, 16), (5, 7, 5, 1, 3)])
-def test_gradcheck_q_k_v_and_bias(H: int, W: int, kernel: int, dilation: int, D: int, monkeypatch) -> None:
-    monkeypatch.setenv(fused.ROUTE_ENV, "fused")
+def test_gradcheck_q_k_v_and_bias(H: int, W: int, kernel: int, dilation: int, D: int) -> None:
     q, k, v = (t.requires_grad_() for t in random_qkv(1, 1, H, W, D=D, seed=3))
     grid = random_bias(1, kernel).requires_grad_()
     fn = lambda q, k, v, g: nb.neighborhood_attention(q, k, v, kernel, dilation, bias=g)  # noqa: E731
-    with mock.patch.object(nb, "tiled_attention", side_effect=AssertionError("tiled kernel called")):
+    with mock.patch.object(nb, "tiled_attention", side_effect=AssertionError("tiled kernel called")), \
+            backends.force("fused"):
         assert torch.autograd.gradcheck(fn, (q, k, v, grid))
 
 
@@ -79,7 +79,7 @@ def test_log_sum_exp_and_its_gradient_match_the_tiled_kernel(monkeypatch) -> Non
     grid, gout = random_bias(3, 5), random_qkv(2, 3, 9, 24, D=16, seed=6)[0]
     for dilation in (1, 2):
         a = _run("fused", monkeypatch, q, k, v, grid, 5, dilation, gout, lse=True)
-        b = _run("torch", monkeypatch, q, k, v, grid, 5, dilation, gout, lse=True)
+        b = _run("tiled", monkeypatch, q, k, v, grid, 5, dilation, gout, lse=True)
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
 
@@ -94,7 +94,7 @@ def test_float32_with_two_threads_matches_and_is_deterministic(monkeypatch) -> N
     try:
         a = _run("fused", monkeypatch, q, k, v, grid, 7, 2, gout)
         again = _run("fused", monkeypatch, q, k, v, grid, 7, 2, gout)
-        b = _run("torch", monkeypatch, q, k, v, grid, 7, 2, gout)
+        b = _run("tiled", monkeypatch, q, k, v, grid, 7, 2, gout)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(x, y) for x, y in zip(a, again))
@@ -109,19 +109,19 @@ def test_whole_model_fused_equals_fallback(variant: str, monkeypatch) -> None:
     model = create_model(variant, size="pico", num_classes=10)
     x = torch.randn(2, 3, 128, 128)
     results = {}
-    for route in ("fused", "torch"):
-        monkeypatch.setenv(fused.ROUTE_ENV, route)
+    for route in ("fused", "tiled"):
         model.zero_grad()
         torch.manual_seed(1)  # the same stochastic depth draws on both routes
-        out = model(x)
+        with backends.force(route):
+            out = model(x)
         out.square().sum().backward()
         results[route] = [out.detach()] + [p.grad.clone() for p in model.parameters()]
-    for a, b in zip(results["fused"], results["torch"]):
+    for a, b in zip(results["fused"], results["tiled"]):
         assert ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) < 1e-5
 
 
-def test_autocast_bf16_computes_in_float32_and_returns_bf16(monkeypatch) -> None:
-    monkeypatch.setenv(fused.ROUTE_ENV, "fused")
+@backends.force("fused")
+def test_autocast_bf16_computes_in_float32_and_returns_bf16() -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 10, 40, 32, requires_grad=True) for _ in range(3))
     grid = torch.randn(2, 9, 9, requires_grad=True)
@@ -139,28 +139,46 @@ def test_autocast_bf16_computes_in_float32_and_returns_bf16(monkeypatch) -> None
 
 
 def test_the_route_decides_which_kernel_runs(monkeypatch) -> None:
+    """auto, a forced route and the older $VISION_ATTN_NA_KERNEL all pick the kernel that runs."""
     q, k, v = random_qkv(1, 2, 8, 9)
     calls = {}
+
+    def count(key: str) -> None:
+        f.reset_mock(), t.reset_mock()
+        nb.neighborhood_attention(q, k, v, 3, 1)
+        calls[key] = (f.call_count, t.call_count)
+
     with mock.patch.object(fused, "_forward", wraps=fused._forward) as f, \
             mock.patch.object(nb, "tiled_attention", wraps=nb.tiled_attention) as t:
-        for route in ("auto", "fused", "torch"):
-            monkeypatch.setenv(fused.ROUTE_ENV, route)
-            f.reset_mock(), t.reset_mock()
-            nb.neighborhood_attention(q, k, v, 3, 1)
-            calls[route] = (f.call_count, t.call_count)
-        monkeypatch.setenv(fused.ROUTE_ENV, "fused")
+        count("auto")
+        for route in ("fused", "tiled"):
+            with backends.force(route):
+                count(route)
+        for value in ("fused", "torch"):
+            monkeypatch.setenv(backends.LEGACY_NA_ENV, value)
+            count(f"${value}")
+        monkeypatch.setenv(backends.LEGACY_NA_ENV, "fused")
         t.reset_mock()
         py, px = nb.neighborhood_patterns(8, 9, 3)
         nb.neighborhood_kernel(q, k, v, py, px, dropout_p=0.1)  # attention dropout: always the tiled kernel
         assert t.call_count == 1
-    assert calls == {"auto": (1, 0), "fused": (1, 0), "torch": (0, 1)}
-    assert not fused.use_fused(torch.empty(0, device="meta"))  # not CPU: never the fused kernel
+    assert calls == {"auto": (1, 0), "fused": (1, 0), "tiled": (0, 1), "$fused": (1, 0), "$torch": (0, 1)}
+    cuda = backends.Call("neighborhood", "cuda", torch.float32, bias=True)
+    assert backends.choose(cuda) != "fused"  # not CPU: never the fused kernel
+    with pytest.raises(ConfigError, match=r"model\.attn_backend=fused: route 'fused' cannot serve .* CPU only"):
+        backends.choose(cuda, "fused")
 
 
 def test_a_bad_route_value_names_the_variable(monkeypatch) -> None:
-    monkeypatch.setenv(fused.ROUTE_ENV, "fast")
+    call = backends.Call("neighborhood", "cpu", torch.float32)
+    monkeypatch.setenv(backends.LEGACY_NA_ENV, "fast")
     with pytest.raises(ConfigError, match=r"VISION_ATTN_NA_KERNEL='fast': expected one of auto, fused, torch"):
-        fused.use_fused(torch.zeros(1))
+        backends.choose(call)
+    monkeypatch.delenv(backends.LEGACY_NA_ENV)
+    monkeypatch.setenv(backends.ENV, "fastest")
+    with pytest.raises(ConfigError, match=r"VISION_ATTN_BACKEND='fastest': unknown route 'fastest'.*neighborhood: "
+                                          r"fused, tiled, flex, natten"):
+        backends.choose(call)
 
 
 @pytest.fixture
@@ -176,7 +194,6 @@ def test_without_a_compiler_auto_falls_back_with_one_line_and_fused_is_an_error(
                                                                                  caplog) -> None:
     monkeypatch.setattr(fused, "compiler", lambda: None)
     q, k, v = random_qkv(1, 1, 6, 7)
-    monkeypatch.setenv(fused.ROUTE_ENV, "auto")
     with caplog.at_level(logging.WARNING, logger=fused.__name__):
         out = nb.neighborhood_attention(q, k, v, 3, 1)
         nb.neighborhood_attention(q, k, v, 3, 1)
@@ -184,9 +201,13 @@ def test_without_a_compiler_auto_falls_back_with_one_line_and_fused_is_an_error(
     lines = [r.getMessage() for r in caplog.records if r.name == fused.__name__]
     assert lines == ["fused neighborhood kernel: no C++ compiler (set $CXX or install g++); "
                      "using the pure-PyTorch tiled kernel"]
-    monkeypatch.setenv(fused.ROUTE_ENV, "fused")
-    with pytest.raises(ConfigError, match="VISION_ATTN_NA_KERNEL=fused, but the fused neighborhood kernel could not"):
+    monkeypatch.setenv(backends.LEGACY_NA_ENV, "fused")
+    with pytest.raises(ConfigError, match="VISION_ATTN_NA_KERNEL=fused, but the fused kernel cannot serve this call: "
+                                          "it could not be built"):
         nb.neighborhood_attention(q, k, v, 3, 1)
+    monkeypatch.delenv(backends.LEGACY_NA_ENV)
+    with pytest.raises(ConfigError, match=r"model\.attn_backend=fused: route 'fused' .* could not be built"):
+        nb.neighborhood_attention(q, k, v, 3, 1, backend="fused")
 
 
 def test_a_failed_build_falls_back_and_says_why(fresh_library, monkeypatch, caplog) -> None:

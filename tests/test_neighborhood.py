@@ -1,4 +1,4 @@
-"""Neighborhood / dilated attention against brute force (DESIGN.md semantics): the reference tests run
+"""Neighborhood / dilated attention against brute force (docs/attention.md semantics): the reference tests run
 through both CPU routes (``na_route``: the fused kernel and the tiled kernel); tests of the tiled
 kernel's own tiles, chunks and dropout pin it (``tiled_route``). More on the fused kernel: test_fused_neighborhood.py."""
 from __future__ import annotations
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import vision_attn.attention.neighborhood as nb
-from vision_attn.attention import AttnSpec, create_attention, neighborhood_attention
+from vision_attn.attention import AttnSpec, backends, create_attention, neighborhood_attention
+from vision_attn.errors import ConfigError
 from vision_attn.attention.rel_pos import bias_grid
 
 from reference import random_bias, random_qkv, neighborhood_reference
@@ -146,36 +147,24 @@ def test_dilation_drop_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_natten_decision(monkeypatch: pytest.MonkeyPatch) -> None:
-    cuda = types.SimpleNamespace(device=torch.device("cuda"))
-    cpu = types.SimpleNamespace(device=torch.device("cpu"))
-    grid = torch.zeros(1, 5, 5)
-    monkeypatch.setattr(nb, "_natten_installed", lambda: True)
-    assert nb._natten_available_for(cuda, None)
-    assert not nb._natten_available_for(cuda, grid)  # NATTEN has no relative position bias
-    assert not nb._natten_available_for(cpu, None)  # its CPU path is forward-only
-    monkeypatch.setattr(nb, "_natten_installed", lambda: False)
-    assert not nb._natten_available_for(cuda, None)
+    """auto takes NATTEN on CUDA without a bias when it is installed; forcing it where it cannot
+    serve is a ConfigError naming the key (and, with a bias, the key that removes it)."""
+    def call(device: str, bias: bool, **kw) -> backends.Call:
+        return backends.Call("neighborhood", device, torch.bfloat16, bias, True, bias, **kw)
 
-
-def test_natten_route_is_taken_only_without_bias(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-
-    def fake(q, k, v, py, px, scale):
-        calls.append((py.kernel, py.dilation, px.kernel, px.dilation, scale))
-        return torch.zeros_like(q)
-
-    monkeypatch.setattr(nb, "_natten_available_for", lambda q, b: b is None)
-    monkeypatch.setattr(nb, "_natten_na2d", fake)
-    q, k, v = qkv(1, 2, 6, 20)
-    assert neighborhood_attention(q, k, v, 5, 3).abs().sum() == 0
-    assert calls == [(5, 1, 5, 3, None)]  # per-axis dilation after the drop on the 6-row axis
-    neighborhood_attention(q, k, v, 5, 3, bias=bias(2, 5))
-    assert len(calls) == 1
-    m = create_attention("dilated", 8, 2, AttnSpec(kernel_size=3, dilation=2, rel_pos_bias=False))
-    m(torch.randn(1, 6, 7, 8))
-    assert calls[-1] == (3, 2, 3, 2, m.scale)
-    create_attention("dilated", 8, 2, AttnSpec(kernel_size=3, dilation=2))(torch.randn(1, 6, 7, 8))
-    assert len(calls) == 2  # with a bias table the pure-PyTorch kernel runs
+    monkeypatch.setattr(backends, "natten_installed", lambda: True)
+    assert backends.choose(call("cuda", False)) == "natten"
+    assert backends.choose(call("cuda", True)) == "flex"  # NATTEN has no relative position bias
+    assert backends.choose(call("cuda", False, dropout=True)) == "tiled"
+    assert backends.choose(call("cpu", False)) in ("fused", "tiled")  # its CPU path is forward-only
+    with pytest.raises(ConfigError, match=r"model\.attn_backend=natten.*model\.rel_pos_bias=false"):
+        backends.choose(call("cuda", True), "natten")
+    with pytest.raises(ConfigError, match="CUDA only"):
+        backends.choose(call("cpu", False), "natten")
+    monkeypatch.setattr(backends, "natten_installed", lambda: False)
+    assert backends.choose(call("cuda", False)) == "flex"
+    with pytest.raises(ConfigError, match="not installed"):
+        backends.choose(call("cuda", False), "natten")
 
 
 def test_natten_call_layout(monkeypatch: pytest.MonkeyPatch) -> None:

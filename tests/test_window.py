@@ -9,7 +9,7 @@ from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
 
 from reference import window_pairs_reference, window_reference
-from vision_attn.attention import AttnSpec, WindowAttention, bias_grid, resize_bias_table, window_attention
+from vision_attn.attention import AttnSpec, WindowAttention, backends, bias_grid, resize_bias_table, window_attention
 from vision_attn.attention.rel_pos import window_bias
 from vision_attn.blocks import Block
 
@@ -37,13 +37,11 @@ def qkv(B: int, nh: int, H: int, W: int, D: int, seed: int = 0) -> list[torch.Te
     return [torch.randn(B, nh, H, W, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
 
 
-@pytest.fixture(params=["per_head_kernel", "math_sdpa"])
-def bias_training_route(request, monkeypatch):
-    """Run a test through both training routes for a learned bias (see PER_HEAD_MIN_WINDOWS)."""
-    from vision_attn.attention import window as window_module
-
-    monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 0 if request.param == "per_head_kernel" else 10**9)
-    return request.param
+@pytest.fixture(params=backends.routes("window"))
+def bias_training_route(request):
+    """Run a test through every window route (forced through :func:`backends.force`)."""
+    with backends.force(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -228,22 +226,33 @@ def test_resize_bias_table_to_and_from_rectangles():
 
 
 
-def test_training_with_a_bias_takes_the_per_head_kernel_from_enough_windows(monkeypatch):
-    """From PER_HEAD_MIN_WINDOWS windows, training a bias runs our explicit kernel; gradients equal brute force."""
+def test_auto_route_for_training_a_bias_on_cpu_is_per_head_from_enough_windows():
+    """On CPU, training a bias takes the per-head kernel from PER_HEAD_MIN_WINDOWS windows, SDPA's math
+    path below (and with attention dropout); inference takes the fused SDPA route; CUDA sdpa_heads."""
+    n = backends.PER_HEAD_MIN_WINDOWS
+    train = dict(bias=True, grad=True, bias_grad=True)
+    assert backends.choose(backends.Call("window", "cpu", torch.float32, windows=n, **train)) == "per_head"
+    assert backends.choose(backends.Call("window", "cpu", torch.float32, windows=n - 1, **train)) == "sdpa_5d"
+    assert backends.choose(backends.Call("window", "cpu", torch.float32, windows=n, dropout=True, **train)) == "sdpa_5d"
+    assert backends.choose(backends.Call("window", "cpu", torch.float32, bias=True, windows=n)) == "sdpa"
+    assert backends.choose(backends.Call("window", "cuda", torch.bfloat16, windows=n, **train)) == "sdpa_heads"
+
+
+def test_forced_per_head_route_runs_the_per_head_kernel_with_brute_force_gradients():
+    """``backends.force("per_head")`` runs our explicit kernel (once: inference stays on SDPA's fused
+    route only when not forced); gradients equal brute force."""
     from unittest import mock
 
     from vision_attn.attention import window as window_module
 
-    monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 2 * 4)  # B=2 x 4 windows: just enough
     q, k, v = qkv(2, 3, 8, 8, 8)
     grid = torch.randn(3, 7, 7, dtype=torch.float64, requires_grad=True)
     kernel = window_module._WindowAttentionFunction
     with mock.patch.object(kernel, "apply", wraps=kernel.apply) as spy:
-        ours = window_attention(q, k, v, 4, 2, grid)
-        with torch.no_grad():
-            window_attention(q, k, v, 4, 2, grid)  # inference: the fused SDPA route
-        monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 2 * 4 + 1)
-        window_attention(q, k, v, 4, 2, grid)  # one window short: SDPA's math path
+        with backends.force("per_head"):
+            ours = window_attention(q, k, v, 4, 2, grid)
+        with backends.force("sdpa_5d"):
+            window_attention(q, k, v, 4, 2, grid)
     assert spy.call_count == 1
     ref = window_reference(q, k, v, 4, 2, grid)
     upstream = torch.randn_like(ours)
@@ -253,19 +262,16 @@ def test_training_with_a_bias_takes_the_per_head_kernel_from_enough_windows(monk
 
 
 @pytest.mark.parametrize("input_dtype", [torch.float32, torch.bfloat16])
-def test_per_head_kernel_under_bf16_autocast_with_mixed_input_dtypes(input_dtype, monkeypatch):
+def test_per_head_kernel_under_bf16_autocast_with_mixed_input_dtypes(input_dtype):
     """Under autocast the per-head kernel's inputs and intermediates can differ in dtype (CUDA's
     autocast runs softmax in fp32): its explicit backward once failed with "expected scalar type
     Float but found BFloat16" on a GPU (``make gpu-check``). fp32 inputs under CPU autocast hit the
     same backward; the result must also be right, to bf16 accuracy, against float64 brute force."""
-    from vision_attn.attention import window as window_module
-
-    monkeypatch.setattr(window_module, "PER_HEAD_MIN_WINDOWS", 0)
     q64, k64, v64 = qkv(2, 3, 8, 8, 8)
     grid64 = torch.randn(3, 7, 7, dtype=torch.float64, requires_grad=True)
     leaves = [t.detach().to(input_dtype).requires_grad_() for t in (q64, k64, v64)]
     grid = grid64.detach().float().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), backends.force("per_head"):
         ours = window_attention(*leaves, 4, 2, grid)
     assert ours.dtype == torch.bfloat16
     ref = window_reference(q64, k64, v64, 4, 2, grid64)

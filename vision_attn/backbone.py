@@ -8,7 +8,7 @@ from torch import nn
 from timm.layers import ClassifierHead, trunc_normal_
 from timm.models._features import feature_take_indices
 
-from .attention import AttnSpec
+from .attention import AttnSpec, backends
 from .blocks import Stage
 from .errors import ConfigError
 from .stems import create_stem
@@ -97,6 +97,7 @@ class VisionAttnTransformer(nn.Module):
         lsh_hashes: int = 1,
         routed_topk: IntOrSeq = 4,
         window_padding: str = "mask",
+        attn_backend: str = "auto",
         tile_size: Optional[int] = None,
         memory_tokens: int = 0,
         memory_bptt: Optional[int] = None,
@@ -121,7 +122,7 @@ class VisionAttnTransformer(nn.Module):
             specs = [
                 AttnSpec(windows[i], kernels[i], d, qkv_bias, attn_drop_rate, proj_drop_rate, rel_pos_bias,
                          sr_ratio=ratios[i], lsh_chunk=chunks[i], lsh_buckets=lsh_buckets, lsh_hashes=lsh_hashes,
-                         routed_topk=topks[i], window_padding=window_padding)
+                         routed_topk=topks[i], window_padding=window_padding, attn_backend=attn_backend)
                 for d in per_stage(dilations[i], 1)
             ]
             stages.append(
@@ -144,6 +145,7 @@ class VisionAttnTransformer(nn.Module):
             in_dim = dims[i]
             self.feature_info.append(dict(num_chs=dims[i], reduction=reduction, module=f"layers.{i}"))
         self.layers = nn.Sequential(*stages)
+        backends.validate(attn_backend, {b.attn.route_family for st in stages for b in st.blocks} - {None})
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.head_hidden_size, num_classes, global_pool, drop_rate, input_fmt="NHWC")
         self.apply(_init_weights)
@@ -201,13 +203,9 @@ class VisionAttnTransformer(nn.Module):
     def stage_reach(self, img_size: IntOrSeq) -> list[str]:
         """Per stage, what one query sees on an ``img_size`` image: the token map, then each kind's
         reach with its extent in pixels, e.g. ``"48x48 tokens: window 4 (16 px) / shifted window 4 (16 px)"``."""
-        H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-        if self.tile_size:
-            H, W = min(H, self.tile_size), min(W, self.tile_size)
         out = []
-        for stage, info in zip(self.layers, self.feature_info):
+        for stage, info, (h, w) in zip(self.layers, self.feature_info, self._stage_maps(img_size)):
             s = info["reduction"]
-            h, w = -(-H // s), -(-W // s)
             labels: list[str] = []
             for block in stage.blocks:
                 label, extent = block.attn.reach(h, w)
@@ -218,6 +216,28 @@ class VisionAttnTransformer(nn.Module):
                     labels.append(label)
             out.append(f"{h}x{w} tokens: " + " / ".join(labels) + "".join(f" + {e}" for e in stage.extra_tokens()))
         return out
+
+    def stage_routes(self, img_size: IntOrSeq, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                     batch: int = 1, training: bool = True) -> list[str]:
+        """Per stage, the kernel route each of its kinds takes (:mod:`.attention.backends`) for a step
+        on ``device`` in ``dtype`` at ``batch``, e.g. ``"window: per_head / shifted_window: per_head"``."""
+        out = []
+        for stage, (h, w) in zip(self.layers, self._stage_maps(img_size)):
+            lse = stage.global_tokens is not None or stage.memory_tokens is not None
+            labels = []
+            for block in stage.blocks:
+                label = f"{block.attn.kind}: {block.attn.route(h, w, device, dtype, batch, training, lse)}"
+                if label not in labels:
+                    labels.append(label)
+            out.append(" / ".join(labels))
+        return out
+
+    def _stage_maps(self, img_size: IntOrSeq) -> list[tuple[int, int]]:
+        """Each stage's token map for an ``img_size`` image (one tile's, when the model runs tiles)."""
+        H, W = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if self.tile_size:
+            H, W = min(H, self.tile_size), min(W, self.tile_size)
+        return [(-(-H // info["reduction"]), -(-W // info["reduction"])) for info in self.feature_info]
 
     @property
     def streams(self) -> bool:

@@ -1,4 +1,5 @@
 """Attention kinds. Importing this package registers every kind."""
+from . import backends
 from .registry import AttnSpec, attention_class, attention_kinds, create_attention, register_attention
 from .rel_pos import bias_grid, resize_bias_table
 from .window import ShiftedWindowAttention, WindowAttention, window_attention
@@ -12,6 +13,7 @@ from .routed import RoutedAttention, routed_attention
 
 __all__ = [
     "AttnSpec",
+    "backends",
     "attention_kinds",
     "create_attention",
     "register_attention",

@@ -18,6 +18,9 @@ class QKVAttention(nn.Module):
     kind = "base"
     #: Whether ``spec.window_size`` may be a non-square ``(wh, ww)`` pair (kinds that ignore it say True too).
     non_square_window = False
+    #: The :mod:`.backends` family whose routes this kind takes (None: it always runs ``fixed_route``).
+    route_family: Optional[str] = None
+    fixed_route = "sdpa"
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__()
@@ -28,6 +31,7 @@ class QKVAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.attn_drop = spec.attn_drop
+        self.attn_backend = spec.attn_backend
         self.qkv = nn.Linear(dim, dim * 3, bias=spec.qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(spec.proj_drop)
@@ -86,6 +90,11 @@ class QKVAttention(nn.Module):
         """What one query sees on a ``height x width`` map: a label and its extent in tokens
         ``(rows, cols)``, or None when it spans the whole map (each kind says; default: global)."""
         return "global", None
+
+    def route(self, height: int, width: int, device: str, dtype: torch.dtype, batch: int = 1,
+              training: bool = False, lse: bool = False) -> str:
+        """The kernel route a call on a ``height x width`` map takes (model summary, run records)."""
+        return self.fixed_route
 
     @property
     def exposes_attend(self) -> bool:

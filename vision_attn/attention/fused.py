@@ -13,9 +13,8 @@ under ``$VISION_ATTN_KERNEL_CACHE`` (default ``~/.cache/vision_attn/kernels``) b
 source, the compiler, the flags and the host CPU's model and instruction-set flags, so a build for
 an AVX-512 host never runs on an AVX2-only one. One log line says what happened on first use.
 
-Route: ``$VISION_ATTN_NA_KERNEL`` = ``auto`` (default: fused on CPU when it builds, else the
-pure-PyTorch tiled kernel, with one logged line), ``fused`` (an error if it cannot build) or
-``torch`` (always the tiled kernel). CUDA never takes this kernel.
+Route ``fused`` of :mod:`.backends`, which decides when it runs (CPU only; by default whenever it
+builds, else the pure-PyTorch tiled kernel with one logged line).
 """
 from __future__ import annotations
 
@@ -28,51 +27,20 @@ import shutil
 import subprocess
 import tempfile
 import time
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 
-from vision_attn.errors import ConfigError
-
 _logger = logging.getLogger(__name__)
 
-ROUTE_ENV = "VISION_ATTN_NA_KERNEL"
 CACHE_ENV = "VISION_ATTN_KERNEL_CACHE"
-ROUTES = ("auto", "fused", "torch")
 SOURCE = Path(__file__).with_name("csrc") / "neighborhood_cpu.cpp"
 CXX_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 
 # ----------------------------------------------------------------------------- build and load
-
-
-def route() -> str:
-    """The route ``$VISION_ATTN_NA_KERNEL`` asks for (``auto`` when unset)."""
-    value = os.environ.get(ROUTE_ENV, "auto").strip().lower() or "auto"
-    if value not in ROUTES:
-        raise ConfigError(f"{ROUTE_ENV}={value!r}: expected one of {', '.join(ROUTES)}")
-    return value
-
-
-@contextmanager
-def forced_route(value: Optional[str]) -> Iterator[None]:
-    """Set ``$VISION_ATTN_NA_KERNEL`` inside (None: leave it), restored after (benchmarks, tests)."""
-    if value is None:
-        yield
-        return
-    old = os.environ.get(ROUTE_ENV)
-    os.environ[ROUTE_ENV] = value
-    try:
-        route()  # a bad value fails here, not at the first neighborhood call
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(ROUTE_ENV, None)
-        else:
-            os.environ[ROUTE_ENV] = old
 
 
 def cpu_signature() -> str:
@@ -181,20 +149,6 @@ def banded_columns(length: int, kernel: int, dilation: int, dtype: torch.dtype, 
     lanes = 64 // torch.empty(0, dtype=dtype).element_size()
     which = 2 if clamped else int(keys)
     return 0 if lib is None else lib.va_na_banded_columns(length, kernel, dilation, lanes, which)
-
-
-def use_fused(q: torch.Tensor) -> bool:
-    """Does (dilated) neighborhood attention on ``q`` take the fused kernel? (CPU, and the route.)"""
-    if q.device.type != "cpu":
-        return False
-    wanted = route()
-    if wanted == "torch":
-        return False
-    lib = library()
-    if lib is None and wanted == "fused":
-        raise ConfigError(f"{ROUTE_ENV}=fused, but the fused neighborhood kernel could not be built "
-                          f"(see the log line above); unset it to fall back to the tiled kernel")
-    return lib is not None
 
 
 # ----------------------------------------------------------------------------- operators

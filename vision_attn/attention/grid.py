@@ -45,6 +45,8 @@ def grid_attention(
 class GridAttention(TiledAttentionModule):
     """MaxViT grid attention with ``g = spec.window_size`` and a learned relative position bias."""
 
+    fixed_route = "tiled"
+
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         if spec.window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {spec.window_size}")

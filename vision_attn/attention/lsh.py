@@ -158,6 +158,8 @@ def _score_table(bias: Optional[torch.Tensor], heads: int, like: torch.Tensor) -
 class LSHAttention(QKVAttention):
     """Reformer LSH attention, shared query-key (``qkv`` projects ``qk`` and ``v``), clipped bias."""
 
+    fixed_route = "sorted chunks"
+
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
         if spec.lsh_chunk < 1:

@@ -1,6 +1,6 @@
 """Neighborhood (NAT) and dilated neighborhood (DiNAT) attention in pure PyTorch.
 
-Semantics (DESIGN.md), per axis of length ``L``: query ``i`` attends keys ``start .. start+k-1``
+Semantics (``docs/attention.md``), per axis of length ``L``: query ``i`` attends keys ``start .. start+k-1``
 with ``start = clamp(i - k // 2, 0, L - k)``, so near a border the window slides inward. With
 dilation ``d`` the axis is split by ``i mod d`` into ``d`` interleaved groups (lengths differ
 when ``d`` does not divide ``L``) and the rule applies inside each group, in group coordinates.
@@ -20,7 +20,6 @@ chunk size beyond; no ``(H*W) x (H*W)`` score matrix is ever built.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 from dataclasses import dataclass, fields
@@ -29,7 +28,7 @@ from typing import Any, Optional
 
 import torch
 
-from . import fused
+from . import backends, flex, fused
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
@@ -400,16 +399,6 @@ def neighborhood_patterns(
     return AxisPattern(H, ky, dy, ty), AxisPattern(W, kx, dx, tx)
 
 
-@lru_cache(maxsize=1)
-def _natten_installed() -> bool:
-    return importlib.util.find_spec("natten") is not None
-
-
-def _natten_available_for(q: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """Route to NATTEN's fused kernel? Only on CUDA, without bias (NATTEN dropped it), if installed."""
-    return q.device.type == "cuda" and bias is None and _natten_installed()
-
-
 def _natten_na2d(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, py: AxisPattern, px: AxisPattern,
                  scale: Optional[float]) -> torch.Tensor:
     """``natten.na2d`` on our layout: it takes ``(B, H, W, heads, D)`` (heads last)."""
@@ -428,16 +417,15 @@ def neighborhood_attention(
     dilation: int = 1,
     bias: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """(Dilated) neighborhood attention. q, k, v ``(B, heads, H, W, D)``; returns the same shape.
 
     ``bias`` is an optional ``(heads, 2k-1, 2k-1)`` grid indexed by the key-minus-query offset.
-    Without bias, on CUDA, NATTEN's fused kernel is used when it is installed.
+    The kernel is the route :mod:`.backends` picks (``backend``: ``model.attn_backend``, None: auto).
     """
     py, px = neighborhood_patterns(q.shape[2], q.shape[3], kernel_size, dilation)
-    if _natten_available_for(q, bias):
-        return _natten_na2d(q, k, v, py, px, scale)
-    return neighborhood_kernel(q, k, v, py, px, bias, scale)
+    return neighborhood_kernel(q, k, v, py, px, bias, scale, backend=backend)
 
 
 def neighborhood_kernel(
@@ -450,12 +438,21 @@ def neighborhood_kernel(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     return_lse: bool = False,
+    backend: Optional[str] = None,
 ) -> Any:
-    """Neighborhood patterns ``py`` x ``px`` through the fused CPU kernel where it applies (CPU, no
-    attention dropout, ``$VISION_ATTN_NA_KERNEL``: see :mod:`.fused`), else :func:`tiled_attention`."""
-    if dropout_p == 0.0 and fused.use_fused(q):
-        return fused.fused_neighborhood(q, k, v, (py.kernel, px.kernel), (py.dilation, px.dilation), grid,
-                                        q.shape[-1] ** -0.5 if scale is None else scale, return_lse)
+    """Neighborhood patterns ``py`` x ``px`` through the route :mod:`.backends` picks: the fused CPU
+    kernel, the tiled kernel, FlexAttention or NATTEN."""
+    route = backends.choose(backends.call_of("neighborhood", q, grid, dropout_p, lse=return_lse), backend)
+    kernel, dilation = (py.kernel, px.kernel), (py.dilation, px.dilation)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if route == "fused":
+        return fused.fused_neighborhood(q, k, v, kernel, dilation, grid, scale, return_lse)
+    if route == "flex":
+        return flex.flex_neighborhood(q, k, v, kernel, dilation, grid, scale)
+    if route == "natten":
+        return _natten_na2d(q, k, v, py, px, scale)
+    if route == backends.SKIP:
+        return (v, v.new_zeros(v.shape[:-1])) if return_lse else v
     return tiled_attention(q, k, v, py, px, grid, scale, dropout_p, return_lse)
 
 
@@ -494,6 +491,7 @@ class NeighborhoodAttention(TiledAttentionModule):
     """NAT neighborhood attention (``spec.kernel_size``) with a learned relative position bias."""
 
     non_square_window = True  # reads kernel_size (square), never window_size
+    route_family = "neighborhood"
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         if spec.kernel_size < 1:
@@ -506,14 +504,21 @@ class NeighborhoodAttention(TiledAttentionModule):
         return neighborhood_patterns(H, W, self.kernel_size, self.dilation)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        grid, patterns = self.bias_grid(), self.patterns(q.shape[2], q.shape[3])
-        if self.dropout_p == 0.0 and _natten_available_for(q, grid):
-            return _natten_na2d(q, k, v, *patterns, self.scale)
-        return neighborhood_kernel(q, k, v, *patterns, grid, self.scale, self.dropout_p)
+        patterns = self.patterns(q.shape[2], q.shape[3])
+        return neighborhood_kernel(q, k, v, *patterns, self.bias_grid(), self.scale, self.dropout_p,
+                                   backend=self.attn_backend)
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         patterns = self.patterns(q.shape[2], q.shape[3])
-        return neighborhood_kernel(q, k, v, *patterns, self.bias_grid(), self.scale, self.dropout_p, return_lse=True)
+        return neighborhood_kernel(q, k, v, *patterns, self.bias_grid(), self.scale, self.dropout_p, return_lse=True,
+                                   backend=self.attn_backend)
+
+    def route(self, height: int, width: int, device: str, dtype: torch.dtype, batch: int = 1,
+              training: bool = False, lse: bool = False) -> str:
+        bias = self.relative_position_bias_table is not None
+        call = backends.Call("neighborhood", device, dtype, bias, training, training and bias,
+                             training and self.attn_drop > 0, lse)
+        return backends.choose(call, self.attn_backend)
 
     def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
         (ky, dy), (kx, dx) = (axis_kernel_dilation(n, self.kernel_size, self.dilation) for n in (height, width))

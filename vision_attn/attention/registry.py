@@ -26,6 +26,7 @@ class AttnSpec:
     lsh_hashes: int = 1  # lsh: hash rounds, combined by log-sum-exp
     routed_topk: int = 4  # routed: regions (window_size x window_size tokens) gathered per region
     window_padding: str = "mask"  # window kinds: "mask" never attends padded keys; "timm" as timm's Swin
+    attn_backend: str = "auto"  # the kernel route (attention/backends.py): auto, or route names per family
 
 
 def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:

@@ -125,6 +125,8 @@ def routed_attention(
 class RoutedAttention(QKVAttention):
     """BiFormer bi-level routing attention: regions of ``window_size``, ``routed_topk`` regions each."""
 
+    fixed_route = "gathered regions"
+
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
         if spec.window_size < 1:

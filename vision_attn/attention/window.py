@@ -1,6 +1,6 @@
 """Window (Swin W-MSA) and shifted-window (SW-MSA) attention.
 
-Semantics (DESIGN.md): pad H, W at the bottom/right to multiples of the ``wh x ww`` window,
+Semantics (``docs/attention.md``): pad H, W at the bottom/right to multiples of the ``wh x ww`` window,
 optionally roll by ``(-sh, -sw)``, attend inside each window; after a shift a query only sees
 keys of its own contiguous region (Swin's region mask). Per axis, a map no larger than the window
 is one window and is not shifted. Padding, ``padding=``:
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 
+from . import backends
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import Size, bias_grid, new_bias_table, window_bias
@@ -142,12 +143,6 @@ def allowed_mask(geo: WindowGeometry, device: torch.device) -> Optional[torch.Te
     return _allowed_on(geo, torch.device(device)) if geo.needs_mask else None
 
 
-#: Batch sizes (windows) from which one GEMM per head beats SDPA's math path, which copies q, k, v
-#: into one (B*nW*heads) batch. Measured on CPU in a module forward+backward (Swin-T shapes, batch
-#: 4): 256 windows x 3 heads 1.13x faster, 64 x 6 even, 16 x 12 0.95x.
-PER_HEAD_MIN_WINDOWS = 128
-
-
 def _per_head(t: torch.Tensor, h: int) -> torch.Tensor:
     """Head ``h`` of ``(B, nW, heads, N, D)`` as ``(B*nW, N, D)``: a view for the layouts
     :meth:`QKVAttention.split_qkv` and :func:`_heads_to_windows` produce (no copy)."""
@@ -227,6 +222,63 @@ def _per_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
         return _WindowAttentionFunction.apply(q.to(dtype), k.to(dtype), v.to(dtype), mask.to(dtype), scale)
 
 
+def window_mask(geo: WindowGeometry, grid: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
+    """What the windows add to their scores: the ``(1 or nW, heads, N, N)`` bias (``-inf`` outside a
+    query's region), the boolean ``(nW, 1, N, N)`` region mask without a bias, or None."""
+    allowed = allowed_mask(geo, like.device)
+    if grid is None:
+        return None if allowed is None else allowed[:, None]
+    mask = window_bias(grid, geo.wh, geo.ww).to(like.dtype)[None]  # (1, heads, N, N)
+    return mask if allowed is None else mask.masked_fill(~allowed[:, None], float("-inf"))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask as 0 / -inf scores (float masks pass through)."""
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _sdpa_folded(q, k, v, mask, scale, dropout_p):
+    """Route ``sdpa``: ``(B*nW, heads, N, D)``, the mask expanded over the batch (flash / cuDNN / CPU flash)."""
+    B, nW, nh, N, D = q.shape
+    if mask is not None:
+        mask = mask.expand(B, nW, *mask.shape[-3:]).reshape(B * nW, -1, N, N)
+    out = F.scaled_dot_product_attention(q.reshape(B * nW, nh, N, D), k.reshape(B * nW, nh, N, D),
+                                         v.reshape(B * nW, nh, N, v.shape[-1]), attn_mask=mask,
+                                         dropout_p=dropout_p, scale=scale)
+    return out.view(B, nW, nh, N, v.shape[-1])
+
+
+def _sdpa_5d(q, k, v, mask, scale, dropout_p):
+    """Route ``sdpa_5d``: 5-D inputs, the mask broadcast over the batch (SDPA's math path)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+
+
+def _sdpa_heads(q, k, v, mask, scale, dropout_p):
+    """Route ``sdpa_heads``: ``(B, nW*heads, N, D)`` with a ``(1, nW*heads, N, N)`` mask (not expanded
+    over the batch, so CUDA's memory-efficient kernel can return the bias gradient)."""
+    B, nW, nh, N, D = q.shape
+    if mask is not None:
+        mask = _additive(mask, q.dtype).expand(nW, nh, N, N).reshape(1, nW * nh, N, N)
+    out = F.scaled_dot_product_attention(q.reshape(B, nW * nh, N, D), k.reshape(B, nW * nh, N, D),
+                                         v.reshape(B, nW * nh, N, v.shape[-1]), attn_mask=mask,
+                                         dropout_p=dropout_p, scale=scale)
+    return out.view(B, nW, nh, N, v.shape[-1])
+
+
+def _per_head_route(q, k, v, mask, scale, dropout_p):
+    """Route ``per_head``: :class:`_WindowAttentionFunction` (no dropout; the mask per head)."""
+    N = q.shape[-2]
+    mask = q.new_zeros(1, 1, N, N) if mask is None else _additive(mask, q.dtype)
+    mask = mask.expand(-1, q.shape[2], -1, -1)
+    return _per_head_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+_ROUTES = {"sdpa": _sdpa_folded, "sdpa_5d": _sdpa_5d, "sdpa_heads": _sdpa_heads, "per_head": _per_head_route,
+           backends.SKIP: lambda q, k, v, *_: v}
+
+
 def windowed_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -235,35 +287,13 @@ def windowed_sdpa(
     grid: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """SDPA over windows: q, k, v ``(B, nW, heads, N, D)``; ``grid`` a ``(heads, 2wh-1, 2ww-1)`` bias."""
-    allowed = allowed_mask(geo, q.device)
-    mask = None
-    if grid is not None:
-        mask = window_bias(grid, geo.wh, geo.ww).to(q.dtype)  # (heads, N, N)
-        if allowed is not None:
-            mask = mask.masked_fill(~allowed[:, None], float("-inf"))  # (nW, heads, N, N)
-    elif allowed is not None:
-        mask = allowed[:, None]
-    if mask is not None and mask.requires_grad and torch.is_grad_enabled():
-        if dropout_p == 0.0 and q.shape[0] * q.shape[1] >= PER_HEAD_MIN_WINDOWS:  # training the bias
-            mask = mask if mask.dim() == 4 else mask[None]
-            return _per_head_attention(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else scale)
-        # Few windows, or attention dropout: SDPA's math path (5-D: the mask broadcasts over the batch).
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
-    # Otherwise fold (B, nW) into one batch dim: 4-D inputs reach the fused (flash) CPU/GPU kernels.
-    B, nW, nh, N, D = q.shape
-    if mask is not None:
-        mask = mask.expand(B, nW, *mask.shape[-3:]).reshape(B * nW, -1, N, N)
-    out = F.scaled_dot_product_attention(
-        q.reshape(B * nW, nh, N, D),
-        k.reshape(B * nW, nh, N, D),
-        v.reshape(B * nW, nh, N, v.shape[-1]),
-        attn_mask=mask,
-        dropout_p=dropout_p,
-        scale=scale,
-    )
-    return out.view(B, nW, nh, N, v.shape[-1])
+    """Attention over windows: q, k, v ``(B, nW, heads, N, D)``; ``grid`` a ``(heads, 2wh-1, 2ww-1)``
+    bias. The route (:mod:`.backends`) follows ``backend`` (``model.attn_backend``; None: auto)."""
+    mask = window_mask(geo, grid, q)
+    call = backends.call_of("window", q, mask, dropout_p, windows=q.shape[0] * q.shape[1])
+    return _ROUTES[backends.choose(call, backend)](q, k, v, mask, scale, dropout_p)
 
 
 def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -301,6 +331,7 @@ def window_attention(
     scale: Optional[float] = None,
     padding: str = "mask",
     pad_kv: PadKV = None,
+    backend: Optional[str] = None,
 ) -> torch.Tensor:
     """(Shifted) window attention. q, k, v: ``(B, heads, H, W, D)``; returns the same shape.
 
@@ -309,7 +340,8 @@ def window_attention(
     padded keys (see the module docstring) whose k and v are zeros, or ``pad_kv`` ``(heads, D)`` each.
     """
     geo, qw, kw, vw = _to_windows(q, k, v, window_size, shift, padding, pad_kv)
-    return _windows_to_heads(windowed_sdpa(qw, kw, vw, geo, bias, scale), geo, q.shape[2], q.shape[3])
+    out = windowed_sdpa(qw, kw, vw, geo, bias, scale, backend=backend)
+    return _windows_to_heads(out, geo, q.shape[2], q.shape[3])
 
 
 def window_attention_lse(
@@ -346,6 +378,7 @@ class WindowAttention(QKVAttention):
 
     shifted = False
     non_square_window = True
+    route_family = "window"
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
@@ -379,7 +412,7 @@ class WindowAttention(QKVAttention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v ``(B, heads, H, W, D)`` -> the same shape."""
-        return window_attention(q, k, v, *self._args())
+        return window_attention(q, k, v, *self._args(), backend=self.attn_backend)
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return window_attention_lse(q, k, v, *self._args())
@@ -388,8 +421,18 @@ class WindowAttention(QKVAttention):
         B, H, W, C = x.shape
         geo = WindowGeometry.of(H, W, self.window_size, self.shift_size, self.padding)
         q, k, v = self.split_qkv(partition(x, geo))  # (B, nW, heads, N, D); pads project to the qkv bias
-        out = windowed_sdpa(q, k, v, geo, self.bias_grid(), self.scale, self.dropout_p)
+        out = windowed_sdpa(q, k, v, geo, self.bias_grid(), self.scale, self.dropout_p, self.attn_backend)
         return unpartition(self.merge_heads(out), geo)
+
+    def route(self, height: int, width: int, device: str, dtype: torch.dtype, batch: int = 1,
+              training: bool = False, lse: bool = False) -> str:
+        if lse:
+            return "explicit softmax (log-sum-exp)"
+        geo = WindowGeometry.of(height, width, self.window_size, self.shift_size, self.padding)
+        bias = self.relative_position_bias_table is not None
+        call = backends.Call("window", device, dtype, bias or geo.needs_mask, training, training and bias,
+                             training and self.attn_drop > 0, False, batch * geo.num_windows)
+        return backends.choose(call, self.attn_backend)
 
     def reach(self, height: int, width: int) -> tuple[str, Optional[tuple[int, int]]]:
         wh, ww = min(self.window_size[0], height), min(self.window_size[1], width)
