@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vision_attn.attention import attention_kinds
+from vision_attn.attention import attention_kinds, backends
 from vision_attn.bench import gpu
 from vision_attn.bench.__main__ import main as bench_main
 from vision_attn.variants import VARIANTS
@@ -41,6 +41,9 @@ def expected_rows() -> dict[tuple[str, str], str]:
             rows[(f"attention {kind}", f"cuda {label} vs cpu fp32")] = "cuda"
     rows.update({("sdpa route", route): "cpu" for route in SDPA_ROUTES})
     rows.update({("natten route", kind): "cpu" for kind in ("neighborhood", "dilated")})
+    for kind in ("window", "shifted_window", "neighborhood", "dilated"):
+        family = "window" if "window" in kind else "neighborhood"
+        rows.update({(f"route {kind}", route): "cpu" for route in backends.routes(family)})
     for variant in VARIANTS:
         for size in ("pico", "tiny"):
             for setting in STEP_SETTINGS:
@@ -59,10 +62,17 @@ def table_rows(text: str) -> list[list[str]]:
     return [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", ln)[1:-1]] for ln in lines[1:]]
 
 
+#: CPU rows that cannot run there, and why (a forced route that does not serve CPU training).
+CPU_NOT_APPLICABLE = {"flex": "no backward on CPU", "natten": "not installed|CUDA only"}
+
+
 def check_cpu_row(check: str, setting: str, result: str, figures: str) -> None:
-    """A CPU row passed, with figures of its kind that are real numbers."""
+    """A CPU row passed, with figures of its kind that are real numbers (or is n/a, saying why)."""
+    if check.startswith("route ") and setting in CPU_NOT_APPLICABLE:
+        assert result == "n/a" and re.search(CPU_NOT_APPLICABLE[setting], figures), (check, setting, figures)
+        return
     assert result == "pass", (check, setting, figures)
-    if check.startswith("attention ") or check in ("sdpa route", "natten route"):
+    if check.startswith("attention ") or check in ("sdpa route", "natten route") or check.startswith("route "):
         diffs = [float(d) for d in re.findall(r"(?:out|dx|dW|diff) (\d\.\de[-+]\d\d)", figures)]
         assert diffs and all(0 <= d < 1e-1 for d in diffs), figures
     if check.startswith("attention "):
@@ -88,11 +98,12 @@ def test_list_names_every_row_and_where_it_runs(capsys) -> None:
     assert gpu.main(["--no-cuda", "--list"]) == 0
     rows = table_rows(capsys.readouterr().out)
     expected = expected_rows()
-    assert len(rows) == len(expected) == 111
+    assert len(rows) == len(expected) == 111 + 16
     assert {(c, s): d for c, s, d in rows} == expected
 
 
-SUBSET = ("attention (window|lsh) |sdpa route|natten route|train step swin pico|swin-T|attention time 56|ddp")
+SUBSET = ("attention (window|lsh) |sdpa route|natten route|route dilated|train step swin pico|swin-T|"
+          "attention time 56|ddp")
 
 
 def test_cpu_dry_run_subset_passes_cpu_rows_with_figures_and_skips_cuda_rows(tmp_path: Path, capsys) -> None:
@@ -102,11 +113,11 @@ def test_cpu_dry_run_subset_passes_cpu_rows_with_figures_and_skips_cuda_rows(tmp
     md = (tmp_path / "gpu_check.md").read_text()
     rows = table_rows(md)
     expected = {k: v for k, v in expected_rows().items() if re.search(SUBSET, " ".join(k))}
-    assert len(expected) == 8 + 7 + 2 + 3 + 1 + 1 + 1
+    assert len(expected) == 8 + 7 + 2 + 4 + 3 + 1 + 1 + 1
     check_table(rows, expected)
     assert table_rows(out) == rows  # the printed table is the file's
     assert "gpu: none (CPU dry run: CUDA rows skipped)" in md and re.search(r"machine: .*torch .*CPU capability", md)
-    assert re.search(r"23 rows: 15 pass, 0 FAIL, 8 skipped: no CUDA, 0 skipped: time budget", md)
+    assert re.search(r"27 rows: 17 pass, 0 FAIL, 2 n/a, 8 skipped: no CUDA, 0 skipped: time budget", md)
     lsh = next(r for r in rows if r[0] == "attention lsh" and r[1].startswith("cpu bf16"))
     assert re.search(r"choices differing from the reference's own: \d+\.\d% \(replayed\)", lsh[4])
     routes = {r[1]: r[4] for r in rows if r[0] == "sdpa route"}
@@ -118,6 +129,10 @@ def test_cpu_dry_run_subset_passes_cpu_rows_with_figures_and_skips_cuda_rows(tmp
     cpu_route = "fused" if fused.library() is not None else "tiled"  # CPU: the fused kernel where it builds
     assert f"bias: picked {cpu_route}, took {cpu_route}" in natten
     assert f"no bias: picked {cpu_route}, took {cpu_route}" in natten
+    forced = {r[1]: r[4] for r in rows if r[0] == "route dilated"}
+    assert forced["tiled"].startswith("fp32: tiled (ours)") and "bf16: tiled (ours)" in forced["tiled"]
+    if cpu_route == "fused":
+        assert forced["fused"].startswith("fp32: fused CPU (ours)")
 
 
 @pytest.mark.slow

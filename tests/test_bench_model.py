@@ -19,8 +19,7 @@ def test_attention_skipped_step_replaces_only_the_kernel_and_restores_it() -> No
     _, _, v = attn.split_qkv(window_module.partition(x, geo))
     expected = window_module.unpartition(attn.merge_heads(v), geo)  # qkv -> out = v -> proj
     torch.testing.assert_close(outs[0], expected)
-    assert window_module.windowed_sdpa.__name__ == "windowed_sdpa"  # restored afterwards
-    assert not torch.allclose(attn(x), expected)
+    assert not torch.allclose(attn(x), expected)  # attention is back afterwards
 
 
 def test_attention_bench_halo_floor_reports_each_tile_shape_against_window() -> None:
@@ -45,7 +44,9 @@ def test_attention_bench_route_suffixes_pick_the_kernel(monkeypatch) -> None:
     from vision_attn.attention.rel_pos import bias_grid
     from vision_attn.bench.attention import Inputs, kernel_for
 
-    monkeypatch.delenv(fused.ROUTE_ENV, raising=False)
+    from vision_attn.attention import backends
+
+    monkeypatch.delenv(backends.LEGACY_NA_ENV, raising=False)
     inp = Inputs.make(16)
     g = inp.table.detach()
     grid = g.view(13, 13, 3).permute(2, 0, 1).flip(1, 2)
@@ -55,7 +56,7 @@ def test_attention_bench_route_suffixes_pick_the_kernel(monkeypatch) -> None:
         b = kernel_for("dilated_2[torch]")(inp.q, inp.k, inp.v, grid)
         assert tiled.call_count == (1 if fused.library() is not None else 2)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert fused.ROUTE_ENV not in __import__("os").environ  # the suffix's route is restored
+    assert backends.requested("neighborhood") == ("auto", "auto")  # the suffix's route is restored
     big = Inputs.make(56)  # 2 x 64 windows: training the bias takes our per-head kernel by default
     grid = bias_grid(big.table)
     fn = window_module._WindowAttentionFunction
@@ -86,7 +87,8 @@ def test_routes_bench_attention_free_replaces_both_kernels() -> None:
     """``bench routes --attention-share``: inside attention_free() window and neighborhood attention
     are out = v (qkv, proj and the rest kept), and both come back afterwards."""
     from vision_attn.attention import create_attention
-    from vision_attn.bench.routes import attention_free, cases
+    from vision_attn.attention.backends import attention_free
+    from vision_attn.bench.routes import cases
 
     torch.manual_seed(0)
     x = torch.randn(1, 6, 6, 8)
@@ -99,4 +101,4 @@ def test_routes_bench_attention_free_replaces_both_kernels() -> None:
         assert not torch.allclose(attn(x), free)
     names = list(cases(["swin", "swin_local"], "pico", 32, 2, share=True))
     assert names == ["swin", "swin (attention free)", "swin_local [fused]", "swin_local [fused] (attention free)",
-                     "swin_local [torch]", "swin_local [torch] (attention free)"]
+                     "swin_local [tiled]", "swin_local [tiled] (attention free)"]

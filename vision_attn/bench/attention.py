@@ -37,17 +37,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
-from unittest import mock
 
 import torch
 
 import torch.nn.functional as F
 
-from vision_attn.attention import global_attention, grid_attention, neighborhood_attention, window_attention
+from vision_attn.attention import backends, global_attention, grid_attention, neighborhood_attention, window_attention
 from vision_attn.attention import global_token_attention, lsh_attention, routed_attention, spatial_reduction_attention
 from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
-from vision_attn.attention import window as window_module
-from vision_attn.attention.fused import forced_route
 from vision_attn.attention.window import window_attention_lse
 from vision_attn.attention import neighborhood as nb
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
@@ -65,25 +62,22 @@ Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torc
 def kernel_for(kind: str) -> Kernel:
     """The functional kernel of ``kind``: ``(q, k, v, bias_grid) -> out``.
 
-    A suffix picks a route: ``neighborhood[torch]`` / ``dilated_2[fused]`` force the neighborhood
-    kernel (``$VISION_ATTN_NA_KERNEL``; no suffix: ``auto``, the fused kernel on CPU);
-    ``window[sdpa]`` trains the bias through SDPA (math path, the bias as mask) instead of our
-    per-head window kernel.
+    A suffix forces a route of :mod:`vision_attn.attention.backends` (no suffix: ``auto``):
+    ``neighborhood[tiled]`` / ``dilated_2[fused]``, ``window[sdpa_heads]``; two older names stay:
+    ``[torch]`` is ``tiled`` and ``window[sdpa]`` is ``sdpa_5d`` (SDPA's math path training the bias
+    as a mask, instead of the per-head window kernel).
     """
     base, _, suffix = kind.partition("[")
     suffix = suffix.rstrip("]")
     fn = _base_kernel(base)
-    if suffix == "sdpa" and base in ("window", "shifted_window"):
-        def sdpa(q, k, v, g, fn=fn):
-            with mock.patch.object(window_module, "PER_HEAD_MIN_WINDOWS", 1 << 62):
-                return fn(q, k, v, g)
-        return sdpa
-    if suffix:
-        def routed(q, k, v, g, fn=fn):
-            with forced_route(suffix):
-                return fn(q, k, v, g)
-        return routed
-    return fn
+    if not suffix:
+        return fn
+    route = {"torch": "tiled", "sdpa": "sdpa_5d"}.get(suffix, suffix)
+
+    def routed(q, k, v, g, fn=fn):
+        with backends.force(route):
+            return fn(q, k, v, g)
+    return routed
 
 
 def _base_kernel(kind: str) -> Kernel:

@@ -1,6 +1,7 @@
 """``python -m vision_attn.bench gpu``: one command that checks every CUDA route, in one table.
 
-Each row says pass, FAIL (with the reason), ``skipped: no CUDA`` or ``skipped: time budget``,
+Each row says pass, FAIL (with the reason), ``n/a`` (with the reason), ``skipped: no CUDA`` or
+``skipped: time budget``,
 with its figures. Exit status 1 when any row that ran failed, else 0. The table is also written
 to ``--out``/gpu_check.md. Rows, in the order they run:
 
@@ -13,12 +14,15 @@ to ``--out``/gpu_check.md. Rows, in the order they run:
   into the reference, and the share that differs from the reference's own choice is reported.
   ``kernels`` names what ran, read from ``torch.profiler`` op names: SDPA's flash, efficient,
   cudnn or math backend, our per-head bmm window function, our tiled kernel, NATTEN.
-- ``sdpa route``: each window route of ``windowed_sdpa`` (no bias, padding mask, shift mask,
-  bias at inference, bias in training below / above ``PER_HEAD_MIN_WINDOWS``), fp32 and bf16,
-  on CUDA when present (else CPU): the kernels each used, checked against the reference.
-- ``natten route``: neighborhood / dilated with and without bias: the route picked
-  (``_natten_available_for``, else the fused CPU kernel where it applies, else our tiled kernel)
-  and the one taken, checked.
+- ``sdpa route``: the window route :mod:`~vision_attn.attention.backends` picks in each case (no
+  bias, padding mask, shift mask, bias at inference, bias in training below / above
+  ``PER_HEAD_MIN_WINDOWS``), fp32 and bf16, on CUDA when present (else CPU): the kernels each
+  used, checked against the reference.
+- ``natten route``: neighborhood / dilated with and without bias: the route ``backends`` picks
+  and the kernel the profiler saw, checked.
+- ``route <kind>``: every kind that has routes x every route of its family, forced through
+  ``backends.force``, training with a bias (NATTEN: without), fp32 and bf16 against the reference;
+  ``n/a`` with the reason where the route cannot serve the call on this device.
 - ``train step``: every variant, pico and tiny, as ``trainer=gpu`` trains (bf16 autocast,
   channels-last), then with gradient checkpointing, then (CUDA only, last) with ``model.compile``:
   loss finite at every step, images/s, peak CUDA memory (``torch.cuda.max_memory_allocated``).
@@ -55,13 +59,11 @@ from unittest import mock
 import torch
 from torch import nn
 
-from vision_attn.attention import AttnSpec, attention_kinds, create_attention
+from vision_attn.attention import AttnSpec, attention_class, attention_kinds, backends, create_attention
 from vision_attn.attention import lsh as lsh_module
-from vision_attn.attention import fused as fused_module
-from vision_attn.attention import neighborhood as nb
 from vision_attn.attention import routed as routed_module
+from vision_attn.attention.backends import PER_HEAD_MIN_WINDOWS
 from vision_attn.attention.rel_pos import new_bias_table
-from vision_attn.attention.window import PER_HEAD_MIN_WINDOWS
 from vision_attn.bench import model as model_bench  # timm's Swin runs its fused SDPA attention (timm's default)
 from vision_attn.bench.common import interleaved, machine, markdown_table, median
 from vision_attn.variants import VARIANTS
@@ -69,6 +71,7 @@ from vision_attn.variants import VARIANTS
 ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
 NO_CUDA = "skipped: no CUDA"
+NOT_APPLICABLE = "n/a"
 OVER_BUDGET = "skipped: time budget"
 
 # ----------------------------------------------------------------------------- rows
@@ -76,6 +79,10 @@ OVER_BUDGET = "skipped: time budget"
 
 class CheckFailed(Exception):
     """A check ran and its result is wrong; the message is the row's figures."""
+
+
+class NotApplicable(Exception):
+    """What the row checks cannot run on this device (e.g. a CUDA-only route); the message says why."""
 
 
 @dataclass
@@ -138,6 +145,8 @@ def run_check(check: Check, ctx: Ctx, has_cuda: bool, left_s: float = float("inf
         result, figures = "pass", check.fn(ctx)
     except CheckFailed as e:
         result, figures = "FAIL", str(e)
+    except NotApplicable as e:
+        result, figures = NOT_APPLICABLE, str(e)
     except Exception as e:  # a crash is a failed row, not a crashed table
         result, figures = "FAIL", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
     finally:
@@ -169,7 +178,10 @@ KERNEL_LABELS = (  # (label, substring of a torch.profiler op name), first match
     ("tiled (ours)", "TiledAttention"),
     ("fused CPU (ours)", "na2d_cpu"),
     ("natten", "natten::"),  # NATTEN's torch ops (a bare "natten" matched a cuDNN op name on an H100)
+    ("flex", "flex_attention"),
 )
+#: The profiler label of each neighborhood route (what ``natten route`` checks it saw).
+NA_ROUTE_LABELS = {"fused": "fused CPU (ours)", "tiled": "tiled (ours)", "natten": "natten", "flex": "flex"}
 
 
 def kernel_labels(op_names: set[str]) -> list[str]:
@@ -450,41 +462,58 @@ def sdpa_route_check(route: str) -> Callable[[Ctx], str]:
 
 
 def natten_route_check(kind: str) -> Callable[[Ctx], str]:
-    """Row: neighborhood/dilated with and without bias: the route picked, the route taken, checked."""
+    """Row: neighborhood/dilated with and without bias: the route picked, the kernel seen, checked."""
 
     def check(ctx: Ctx) -> str:
-        installed = nb._natten_installed()
-        parts, bad = [f"natten {'installed' if installed else 'not installed'}"], []
+        parts = [f"natten {'installed' if backends.natten_installed() else 'not installed'}"]
+        bad = []
         for bias in (True, False):
-            probe_bias = torch.zeros(1) if bias else None
-            probe = torch.empty(0, device=ctx.device)
-            picked = ("natten" if nb._natten_available_for(probe, probe_bias)
-                      else "fused" if fused_module.use_fused(probe) else "tiled")
-            taken: list[str] = []
-
-            def spy(module: Any, name: str, label: str) -> Any:
-                real = getattr(module, name)
-                return mock.patch.object(module, name, lambda *a, **k: taken.append(label) or real(*a, **k))
-
-            def around() -> contextlib.ExitStack:
-                stack = contextlib.ExitStack()
-                stack.enter_context(spy(nb, "_natten_na2d", "natten"))
-                stack.enter_context(spy(nb, "tiled_attention", "tiled"))
-                stack.enter_context(spy(fused_module, "fused_neighborhood", "fused"))
-                return stack
-
+            call = backends.Call("neighborhood", ctx.device.type, torch.float32, bias, True, bias)
+            picked = backends.choose(call)
             build = lambda: create_attention(kind, DIM, HEADS, _spec(rel_pos_bias=bias))  # noqa: E731
-            cmp = compare_module(kind, build, KIND_SHAPE, ctx.device, "fp32", ctx.tol_scale, around_test=around)
-            route = "/".join(sorted(set(taken))) or "none"
+            cmp = compare_module(kind, build, KIND_SHAPE, ctx.device, "fp32", ctx.tol_scale)
+            seen = [r for r, label in NA_ROUTE_LABELS.items() if label in cmp.kernels]
+            route = "/".join(seen) or "none"
             parts.append(f"{'bias' if bias else 'no bias'}: picked {picked}, took {route} "
                          f"(rel. max abs diff {cmp.worst():.1e})")
             if route != picked:
-                bad.append(f"{'bias' if bias else 'no bias'} took {route}, _natten_available_for picked {picked}")
+                bad.append(f"{'bias' if bias else 'no bias'} took {route}, backends picked {picked}")
             if not cmp.ok:
                 bad.append(f"{'bias' if bias else 'no bias'} over tolerance ({cmp.tol_text()})")
         if bad:
             raise CheckFailed("; ".join(bad) + " | " + "; ".join(parts))
         return "; ".join(parts)
+
+    return check
+
+
+ROUTED_KINDS = {"window": (_WIDE, 16, 16), "shifted_window": (_WIDE, 16, 16), "neighborhood": KIND_SHAPE,
+                "dilated": KIND_SHAPE}
+
+
+def forced_route_check(kind: str, route: str) -> Callable[[Ctx], str]:
+    """Row: ``kind`` forced onto ``route``, training (with a bias; NATTEN without), fp32 and bf16."""
+    family = attention_class(kind).route_family
+    bias = route != "natten"
+
+    def check(ctx: Ctx) -> str:
+        call = backends.Call(family, ctx.device.type, torch.float32, True, True, bias,
+                             windows=ROUTED_KINDS[kind][0] * 16)
+        reason = backends.ROUTES[route].refuses(call)
+        if reason is not None:
+            raise NotApplicable(f"{'bias' if bias else 'no bias'}, training on {ctx.device.type}: {reason}")
+        build = lambda: create_attention(kind, DIM, HEADS, _spec(rel_pos_bias=bias))  # noqa: E731
+        parts, ok = [], True
+        for precision in ("fp32", "bf16"):
+            cmp = compare_module(kind, build, ROUTED_KINDS[kind], ctx.device, precision, ctx.tol_scale,
+                                 around_test=lambda: backends.force(route))
+            ok &= cmp.ok
+            parts.append(f"{precision}: {', '.join(cmp.kernels) or 'no SDPA'} (rel. max abs diff {cmp.worst():.1e}, "
+                         f"{cmp.tol_text()})")
+        text = "; ".join(parts)
+        if not ok:
+            raise CheckFailed("over tolerance: " + text)
+        return text
 
     return check
 
@@ -759,6 +788,8 @@ def checks(device: torch.device) -> list[Check]:
                               device="cuda"))
     rows += [Check("sdpa route", route, sdpa_route_check(route)) for route in SDPA_ROUTES]
     rows += [Check("natten route", kind, natten_route_check(kind)) for kind in ("neighborhood", "dilated")]
+    rows += [Check(f"route {kind}", route, forced_route_check(kind, route))
+             for kind in ROUTED_KINDS for route in backends.routes(attention_class(kind).route_family)]
     steps = [(v, s, st) for st in SETTINGS for s in ("pico", "tiny") for v in VARIANTS]
     rows += [Check(f"train step {v} {s}", st, train_step_check(v, s, st)) for v, s, st in steps if "compile" not in st]
     rows.append(Check("swin-T vs timm swin-T", "224², batch 64, bf16: train + inference img/s",
@@ -794,7 +825,7 @@ def header_lines(device: torch.device, argv: list[str]) -> list[str]:
     else:
         lines.append("gpu: none (CPU dry run: CUDA rows skipped)")
     natten = "not installed"
-    if nb._natten_installed():
+    if backends.natten_installed():
         import natten as natten_pkg
 
         natten = getattr(natten_pkg, "__version__", "installed")
@@ -814,8 +845,9 @@ def run_rows(selected: list[Check], ctx: Ctx, has_cuda: bool, budget_s: float) -
 
 
 def summary_line(rows: list[Row]) -> str:
-    counts = {r: sum(row.result == r for row in rows) for r in ("pass", "FAIL", NO_CUDA, OVER_BUDGET)}
-    return (f"{len(rows)} rows: {counts['pass']} pass, {counts['FAIL']} FAIL, {counts[NO_CUDA]} {NO_CUDA}, "
+    counts = {r: sum(row.result == r for row in rows) for r in ("pass", "FAIL", NOT_APPLICABLE, NO_CUDA, OVER_BUDGET)}
+    return (f"{len(rows)} rows: {counts['pass']} pass, {counts['FAIL']} FAIL, {counts[NOT_APPLICABLE]} n/a, "
+            f"{counts[NO_CUDA]} {NO_CUDA}, "
             f"{counts[OVER_BUDGET]} {OVER_BUDGET}; {sum(r.seconds for r in rows):.0f} s in the rows")
 
 

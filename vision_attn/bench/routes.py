@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Callable, Iterator
-from unittest import mock
+from typing import Callable
 
 import torch
 
 from vision_attn import create_model
-from vision_attn.attention import neighborhood as nb
-from vision_attn.attention import window as window_module
-from vision_attn.attention.fused import forced_route
+from vision_attn.attention import backends
 from vision_attn.bench.common import interleaved, machine, markdown_table, median
 
 LOCAL = ("swin_local", "swin_dilated")
-
-
-@contextlib.contextmanager
-def attention_free() -> Iterator[None]:
-    """Window and neighborhood kernels replaced by ``out = v`` inside."""
-    def pass_through(q, k, v, *args, **kwargs):
-        return (v, v.new_zeros(v.shape[:-1])) if kwargs.get("return_lse") else v
-
-    with mock.patch.object(window_module, "windowed_sdpa", pass_through), \
-            mock.patch.object(nb, "neighborhood_kernel", pass_through):
-        yield
 
 
 def train_step(variant: str, size: str, img: int, batch: int, route: str, free: bool) -> Callable[[], None]:
@@ -43,7 +29,7 @@ def train_step(variant: str, size: str, img: int, batch: int, route: str, free: 
     x, y = torch.randn(batch, 3, img, img), torch.randint(0, 10, (batch,))
 
     def step() -> None:
-        with forced_route(route), attention_free() if free else contextlib.nullcontext():
+        with backends.force(route), backends.attention_free() if free else contextlib.nullcontext():
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
@@ -55,7 +41,7 @@ def train_step(variant: str, size: str, img: int, batch: int, route: str, free: 
 def cases(variants: list[str], size: str, img: int, batch: int, share: bool) -> dict[str, Callable[[], None]]:
     out = {}
     for variant in variants:
-        for route in (("fused", "torch") if variant in LOCAL else ("auto",)):
+        for route in (("fused", "tiled") if variant in LOCAL else ("auto",)):
             name = variant if route == "auto" else f"{variant} [{route}]"
             out[name] = train_step(variant, size, img, batch, route, False)
             if share:
