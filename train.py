@@ -102,6 +102,7 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         "params": summary.params if summary else None,
         "gflops": summary.gflops if summary else None,
         "reach": list(summary.reach) if summary else None,  # per stage: what one query sees
+        "routes": list(summary.routes) if summary else None,  # per stage: the kernel route of each kind
         "best_val_acc1": float(best) if best is not None else metrics.get("val/acc1"),
         "test_acc1": metrics.get("test/acc1"),
         "images_per_sec": metrics.get("train/images_per_sec"),  # all devices together

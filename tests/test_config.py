@@ -75,6 +75,8 @@ def test_every_variant_has_a_config(variant):
         ("model.stem=foo", "model.stem"),
         ("model.downsample=foo", "model.downsample"),
         ("model.mlp_ratio=0", "model.mlp_ratio"),
+        ("model.attn_backend=fastest", "model.attn_backend"),
+        ("model.attn_backend=flex", "model.attn_backend"),  # swin has no neighborhood attention
     ],
 )
 def test_invalid_values_raise_config_error_naming_the_key(override, key):

@@ -68,6 +68,12 @@ def test_training_run_leaves_an_offline_wandb_run_with_metrics_and_resolved_conf
     assert config["seed"] == 5 and config["data"]["image_size"] == 32
     assert config["module"]["img_size"] == 32 and config["run_name"] == "swin-pico-seed5"
     assert set(run["tags"]) >= {"swin", "pico", "shapes"}
+    # The kernel route of each stage: what backends picks for a CPU fp32 step at batch 16 (at most 4
+    # windows a map x 16 < PER_HEAD_MIN_WINDOWS: SDPA's math path), in W&B and results.json.
+    routes = ["window: sdpa_5d / shifted_window: sdpa_5d"] * 4
+    assert config["model_routes"] == routes
+    assert json.loads((run_dir / "results.json").read_text())["routes"] == routes
+    assert "kernel routes (training on cpu, float32, batch 16):\n  stage 1: window: sdpa_5d / shifted_window: sdpa_5d" in out
     assert (run_dir / ".hydra" / "config.yaml").exists()
     aliases = {a for r in wandb_records(run_dir, "artifact") for a in r["artifact"]["aliases"]}
     assert {"best", "latest"} <= aliases  # logger.wandb.log_model=true: checkpoints as artifacts

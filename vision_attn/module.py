@@ -81,12 +81,24 @@ class ClassificationModule(L.LightningModule):
         """Print and log the model summary (params, GFLOPs at the training resolution)."""
         if stage != "fit":
             return
-        self.summary = summary = summarize(self.model, self.img_size, self.in_chans)
+        device, dtype, batch = self._step_setting()
+        self.summary = summary = summarize(self.model, self.img_size, self.in_chans, device, dtype, batch)
         rank_zero_info(f"model: {self.hparams['model'].get('variant')} {self.hparams['model'].get('size')}: {summary}")
         for logger in self.loggers:
             logger.log_metrics({"model/params": summary.params, "model/gflops": summary.gflops}, step=0)
             if summary.reach:
-                logger.log_hyperparams({"model_reach": list(summary.reach)})
+                logger.log_hyperparams({"model_reach": list(summary.reach), "model_routes": list(summary.routes)})
+
+    def _step_setting(self) -> tuple[str, torch.dtype, int]:
+        """Where a training step runs: the device type, autocast's dtype (else fp32), the batch per device."""
+        trainer = self._trainer
+        if trainer is None:
+            return "cpu", torch.float32, 1
+        precision = str(trainer.precision)
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") \
+            else torch.float32
+        batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
+        return trainer.strategy.root_device.type, dtype, int(batch or 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

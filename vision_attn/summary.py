@@ -33,16 +33,23 @@ class ModelSummary:
     gflops: float  # multiply-adds / 1e9 for one image, the convention of the Swin / NAT papers
     img_size: tuple[int, int]
     reach: tuple[str, ...] = ()  # per stage: what one query sees (VisionAttnTransformer.stage_reach)
+    routes: tuple[str, ...] = ()  # per stage: the kernel route of each kind in a training step (stage_routes)
+    route_setting: str = ""  # what the routes are for, e.g. "training on cuda, torch.bfloat16, batch 64"
 
     def __str__(self) -> str:
         h, w = self.img_size
         stages = "".join(f"\n  stage {i + 1}: {r}" for i, r in enumerate(self.reach))
+        if self.routes:
+            stages += f"\n  kernel routes ({self.route_setting}):"
+            stages += "".join(f"\n  stage {i + 1}: {r}" for i, r in enumerate(self.routes))
         return (f"{self.params / 1e6:.2f} M params, {self.gflops:.3f} GFLOPs at {h}x{w} "
                 "(multiply-adds, the papers' convention; Lightning's table counts 2 FLOPs each)" + stages)
 
 
-def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3) -> ModelSummary:
-    """Count parameters and forward FLOPs for one image (torch's flop counter, eval mode)."""
+def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3, device: str = "cpu",
+              dtype: torch.dtype = torch.float32, batch: int = 1) -> ModelSummary:
+    """Count parameters and forward FLOPs for one image (torch's flop counter, eval mode), and the
+    kernel route each stage takes in a training step on ``device`` in ``dtype`` at ``batch``."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     param = next(model.parameters())
     x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
@@ -53,4 +60,6 @@ def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int =
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     reach = tuple(model.stage_reach((h, w))) if hasattr(model, "stage_reach") else ()
-    return ModelSummary(params, counter.get_total_flops() / 2e9, (h, w), reach)
+    routes = tuple(model.stage_routes((h, w), device, dtype, batch)) if hasattr(model, "stage_routes") else ()
+    setting = f"training on {device}, {str(dtype).removeprefix('torch.')}, batch {batch}"
+    return ModelSummary(params, counter.get_total_flops() / 2e9, (h, w), reach, routes, setting)
