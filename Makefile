@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(ENV_FILES) | cksum | cut -d' ' -f1)
 PIP := -m pip --disable-pip-version-check
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv lock train test test-slow bench gpu-check clean
+.PHONY: venv lock train test test-slow bench gpu-check gpu-perf clean
 
 venv: $(STAMP)  ## create .venv and install exactly requirements.lock (idempotent)
 
@@ -47,6 +47,9 @@ bench: venv  ## all benchmarks (tables and plots in bench_out/); see README
 
 gpu-check: venv  ## every CUDA route in one table (bench_out/gpu_check.md); without CUDA a CPU dry run; ARGS="--only ..."
 	$(PY) -m vision_attn.bench gpu $(ARGS)
+
+gpu-perf: venv  ## only the timing rows of the GPU targets (README: GPU); meant for <= 8 min on one H100/H200
+	$(PY) -m vision_attn.bench gpu --perf $(ARGS)
 
 clean:
 	rm -rf outputs multirun bench_out

@@ -53,6 +53,10 @@ def expected_rows() -> dict[tuple[str, str], str]:
         rows[(f"attention time {size}²", "neighborhood vs window, fwd+bwd")] = "cuda"
     rows[("train.py + W&B offline", "trainer=debug, CPU, 32², embed_dim 16")] = "cpu"
     rows[("ddp nccl", "trainer=ddp trainer.devices=1")] = "cuda"
+    rows[("perf swin-T vs timm swin-T compiled", "224², batch 64, bf16, both torch.compile")] = "cuda"
+    rows[("perf window + bias vs timm", "56², batch 64, fwd+bwd, every route")] = "cuda"
+    rows[("perf dilated vs neighborhood", "56², d = 2..8, fwd+bwd")] = "cuda"
+    rows[("perf local vs swin", "tiny 224², batch 32, train img/s + attention share")] = "cuda"
     return rows
 
 
@@ -98,7 +102,7 @@ def test_list_names_every_row_and_where_it_runs(capsys) -> None:
     assert gpu.main(["--no-cuda", "--list"]) == 0
     rows = table_rows(capsys.readouterr().out)
     expected = expected_rows()
-    assert len(rows) == len(expected) == 111 + 16
+    assert len(rows) == len(expected) == 111 + 16 + 4
     assert {(c, s): d for c, s, d in rows} == expected
 
 
@@ -283,3 +287,30 @@ def test_a_failed_child_is_reported_by_its_exception_line_not_its_last_output() 
     assert gpu._tail(warn_only) == "killed by signal"
     assert gpu._tail(subprocess.CompletedProcess([], 1, stdout="a\nb\n", stderr="")) == "b"
     assert gpu._tail(subprocess.CompletedProcess([], 1, stdout="", stderr="")) == "(no output)"
+
+
+def test_perf_rows_run_on_cpu_at_toy_sizes_and_report_every_case() -> None:
+    """The timing rows of the GPU targets (``--perf``) are CUDA-only; their code runs here, tiny."""
+    ctx = gpu.Ctx(torch.device("cpu"), quick=True)
+    text = gpu.window_vs_timm(ctx)
+    for case in ("ours sdpa", "ours sdpa_5d", "ours sdpa_heads", "ours per_head", "ours auto", "timm fused",
+                 "timm explicit", "flash floor (no bias)"):
+        assert re.search(re.escape(case) + r" \d+\.\d\d ms", text), (case, text)
+    assert re.search(r"auto \(sdpa_5d\) / faster timm: \d+\.\d\dx \(target <= 0\.8x\)", text), text
+    text = gpu.dilated_vs_neighborhood(ctx)
+    assert re.search(r"neighborhood \d+\.\d\d ms, dilated_2 \d+\.\d\d ms; worst dilated_2 / neighborhood "
+                     r"\d+\.\d\dx", text), text
+    text = gpu.local_vs_swin(ctx)
+    assert re.search(r"swin_local \d+ img/s \(\d+\.\d\dx swin, attention \d+% of the step\)", text), text
+    text = gpu.attention_time(torch.device("cpu"), 14, batch=1, reps=1)
+    assert re.search(r"neighborhood \((fused|tiled)\) \d+\.\d\d ms .* flash floor \(window, no bias\) \d+\.\d\d ms",
+                     text), text
+
+
+def test_perf_flag_keeps_the_timing_rows(capsys) -> None:
+    assert gpu.main(["--no-cuda", "--perf", "--list"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    names = {r[0] for r in rows}
+    assert {"perf window + bias vs timm", "perf dilated vs neighborhood", "perf local vs swin",
+            "perf swin-T vs timm swin-T compiled", "swin-T vs timm swin-T", "attention time 224²"} <= names
+    assert sum(r[0].startswith("train step") for r in rows) == len(VARIANTS)  # every variant, tiny, eager

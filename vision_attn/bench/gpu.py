@@ -622,8 +622,10 @@ def _timed(fn: Callable[[], object], device: torch.device, bf16: bool = True) ->
     return run
 
 
-def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: int = 10, warmup: int = 2) -> str:
-    """Our Swin-T vs timm's, same random weights: training and inference images/s, bf16 autocast."""
+def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: int = 10, warmup: int = 2,
+                 compiled: bool = False) -> str:
+    """Our Swin-T vs timm's, same random weights: training and inference images/s, bf16 autocast
+    (``compiled``: both under ``torch.compile``; the warm-ups compile)."""
     name = model_bench.TIMM_NAMES["tiny"]
     import timm
 
@@ -635,6 +637,8 @@ def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: in
     ours.load_state_dict(theirs.state_dict())
     ours.to(device)
     theirs.to(device)
+    if compiled:
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
     x = torch.randn(batch, 3, img, img, device=device)
     y = torch.randint(0, 1000, (batch,), device=device)
     train = interleaved({n: _timed(model_bench._train_step(m, x, y, torch.optim.SGD(m.parameters(), lr=1e-4)), device)
@@ -642,7 +646,8 @@ def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: in
     infer = interleaved({n: _timed(model_bench._infer(m, x), device) for n, m in (("ours", ours), ("timm", theirs))},
                         reps, warmup)
     ips = {f"{k}|{n}": batch / median(t[n]) for k, t in (("train", train), ("infer", infer)) for n in t}
-    return (f"{img}², batch {batch}, bf16 autocast, median of {reps}: train ours {ips['train|ours']:.0f} img/s, "
+    mode = "both compiled" if compiled else "eager"
+    return (f"{img}², batch {batch}, bf16 autocast, {mode}, median of {reps}: train ours {ips['train|ours']:.0f} img/s, "
             f"timm {ips['train|timm']:.0f} img/s ({ips['train|ours'] / ips['train|timm']:.2f}x); "
             f"inference ours {ips['infer|ours']:.0f}, timm {ips['infer|timm']:.0f} "
             f"({ips['infer|ours'] / ips['infer|timm']:.2f}x)")
@@ -673,12 +678,185 @@ def attention_time(device: torch.device, size: int, batch: Optional[int] = None,
 
         return _timed(run, device)
 
+    def floor() -> None:  # window attention without bias: SDPA's flash kernel
+        out = kernel_for("window")(q, k, v, None)
+        torch.autograd.grad(out, (q, k, v), up.to(out.dtype))
+
     kinds = ("window", "neighborhood")
-    times = interleaved({kind: step(kind) for kind in kinds}, reps, warmup=2)
-    ms = {kind: median(times[kind]) * 1e3 for kind in kinds}
+    cases = {kind: step(kind) for kind in kinds}
+    cases["floor"] = _timed(floor, device)
+    times = interleaved(cases, reps, warmup=2)
+    ms = {kind: median(t) * 1e3 for kind, t in times.items()}
+    na_route = backends.choose(backends.Call("neighborhood", device.type, torch.bfloat16, True, True, True))
     return (f"batch {batch}, {B_HEADS} heads x {HEAD_DIM}, k = window = {KERNEL}, bias, bf16 autocast, fwd+bwd "
-            f"median of {reps}: window {ms['window']:.2f} ms, neighborhood {ms['neighborhood']:.2f} ms "
-            f"({ms['neighborhood'] / ms['window']:.2f}x window)")
+            f"median of {reps}: window {ms['window']:.2f} ms, neighborhood ({na_route}) {ms['neighborhood']:.2f} ms "
+            f"({ms['neighborhood'] / ms['window']:.2f}x window; target <= 1.5x); flash floor (window, no bias) "
+            f"{ms['floor']:.2f} ms")
+
+
+# ----------------------------------------------------------------------------- perf: the GPU targets
+
+
+def _grad_step(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, up: torch.Tensor,
+               params: list[torch.Tensor]) -> Callable[[], None]:
+    """Forward ``fn(x)`` and backward with the upstream gradient ``up`` into ``x`` and ``params``."""
+
+    def run() -> None:
+        out = fn(x)
+        torch.autograd.grad(out, [x, *params], up.to(out.dtype), allow_unused=True)  # the floor has no bias
+
+    return run
+
+
+def _window_modules(device: torch.device, dim: int, heads: int, window: int) -> tuple[nn.Module, nn.Module]:
+    """Our WindowAttention and timm's, same weights (qkv, proj, bias table)."""
+    from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
+
+    torch.manual_seed(0)
+    ours = create_attention("window", dim, heads, _spec(window_size=window)).to(device)
+    theirs = TimmWindowAttention(dim, heads, window_size=window).to(device)
+    theirs.load_state_dict(ours.state_dict(), strict=False)  # its relative_position_index is a buffer of its own
+    return ours, theirs
+
+
+def window_vs_timm(ctx: Ctx) -> str:
+    """Row: window + bias attention fwd+bwd (Swin-T stage 1: 56², 96 ch, 3 heads, window 7, batch 64)
+    on each of our window routes and a compiled matmul-softmax, against timm's ``WindowAttention``
+    (fused SDPA and its explicit path) and the flash floor (SDPA without bias); bf16 autocast."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    batch, size, dim, heads, win = (2, 14, 32, 2, 7) if ctx.quick else (64, 56, 96, 3, 7)
+    reps = 2 if ctx.quick else 10
+    ours, theirs = _window_modules(ctx.device, dim, heads, win)
+    x = torch.randn(batch, size, size, dim, device=ctx.device, requires_grad=True)
+    up = torch.randn_like(x)
+
+    def ours_on(route: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            with backends.force(route):
+                return ours(t)
+        return fn
+
+    def timm_with(fused: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(t: torch.Tensor) -> torch.Tensor:
+            theirs.fused_attn = fused
+            windows = window_partition(t, (win, win)).view(-1, win * win, dim)
+            return window_reverse(theirs(windows).view(-1, win, win, dim), (win, win), size, size)
+        return fn
+
+    def floor(t: torch.Tensor) -> torch.Tensor:  # flash: the same q, k, v, no bias
+        windows = window_partition(t, (win, win)).view(-1, win * win, dim)
+        q, k, v = ours.qkv(windows).view(-1, win * win, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)
+        return window_reverse(ours.proj(out.transpose(1, 2).reshape(-1, win, win, dim)), (win, win), size, size)
+
+    explicit = _explicit_window(ours, win)
+    cases = {f"ours {r}": ours_on(r) for r in backends.routes("window")}
+    cases.update({"ours auto": ours_on("auto"), "compiled matmul-softmax": explicit,
+                  "timm fused": timm_with(True), "timm explicit": timm_with(False), "flash floor (no bias)": floor})
+    if ctx.quick:
+        cases.pop("compiled matmul-softmax")  # no compile in the CPU dry run
+    params = [p for p in ours.parameters()]
+    steps = {n: _timed(_grad_step(f, x, up, params if n.startswith(("ours", "compiled", "flash")) else
+                                  list(theirs.parameters())), ctx.device) for n, f in cases.items()}
+    ms = {n: median(t) * 1e3 for n, t in interleaved(steps, reps, warmup=2).items()}
+    best_timm = min(ms["timm fused"], ms["timm explicit"])
+    auto = backends.choose(backends.Call("window", ctx.device.type, torch.bfloat16, True, True, True,
+                                         windows=batch * (size // win) ** 2))
+    parts = ", ".join(f"{n} {v:.2f} ms" for n, v in ms.items())
+    return (f"batch {batch}, {size}², {dim} ch, {heads} heads, window {win}, bias trained, median of {reps}: {parts}; "
+            f"auto ({auto}) / faster timm: {ms['ours auto'] / best_timm:.2f}x (target <= 0.8x)")
+
+
+def _explicit_window(module: nn.Module, win: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` of an explicit matmul + bias + softmax window attention with ``module``'s weights."""
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    from vision_attn.attention.rel_pos import window_bias
+
+    heads, dim = module.num_heads, module.dim
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        B, H, W, _ = t.shape
+        windows = window_partition(t, (win, win)).view(-1, win * win, dim)
+        q, k, v = module.qkv(windows).view(-1, win * win, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        scores = (q * module.scale) @ k.transpose(-1, -2) + window_bias(module.bias_grid(), win, win).to(q.dtype)
+        out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(-1, win, win, dim)
+        return window_reverse(module.proj(out), (win, win), H, W)
+
+    return torch.compile(fn)
+
+
+DILATIONS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def dilated_vs_neighborhood(ctx: Ctx) -> str:
+    """Row: dilated (d = 2..8) / neighborhood attention fwd+bwd with bias, 56², ~1M tokens, auto routes."""
+    from vision_attn.attention.rel_pos import bias_grid
+    from vision_attn.bench.attention import HEAD_DIM, HEADS as B_HEADS, KERNEL, kernel_for
+
+    size = 14 if ctx.quick else 56
+    batch = 1 if ctx.quick else max(1, TOKENS_PER_BATCH // size**2)
+    reps = 2 if ctx.quick else 10
+    dilations = [d for d in DILATIONS if d * KERNEL <= size] or [1]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(batch, B_HEADS, size, size, HEAD_DIM, device=ctx.device, requires_grad=True)
+               for _ in range(3))
+    table = nn.Parameter(new_bias_table(B_HEADS, KERNEL).detach().to(ctx.device))
+    up = torch.randn(batch, B_HEADS, size, size, HEAD_DIM, device=ctx.device)
+
+    def step(kind: str) -> Callable[[], None]:
+        fn = kernel_for(kind)
+
+        def run() -> None:
+            out = fn(q, k, v, bias_grid(table))
+            torch.autograd.grad(out, (q, k, v, table), up.to(out.dtype))
+
+        return _timed(run, ctx.device)
+
+    kinds = ["neighborhood"] + [f"dilated_{d}" for d in dilations]
+    ms = {kd: median(t) * 1e3 for kd, t in interleaved({kd: step(kd) for kd in kinds}, reps, warmup=2).items()}
+    worst = max(kinds[1:] or kinds, key=ms.get)
+    return (f"{size}², batch {batch}, k {KERNEL}, bias, bf16 autocast, median of {reps}: "
+            + ", ".join(f"{kd} {v:.2f} ms" for kd, v in ms.items())
+            + f"; worst {worst} / neighborhood {ms[worst] / ms['neighborhood']:.2f}x (target <= 1.1x)")
+
+
+LOCAL_VS_SWIN = ("swin", "swin_local", "swin_dilated")
+#: The rows of the GPU targets (``--perf``): kernels, whole models, every variant's tiny training step.
+PERF = r"^perf |^swin-T|^attention time|^train step \S+ tiny bf16-mixed, channels-last$"
+
+
+def local_vs_swin(ctx: Ctx) -> str:
+    """Row: swin_local and swin_dilated tiny training img/s against swin tiny (224², batch 32, bf16),
+    each with its attention share (the same step with attention replaced by ``out = v``)."""
+    from vision_attn import create_model
+
+    batch, img, reps = (2, 32, 1) if ctx.quick else (32, 224, 5)
+    size = "pico" if ctx.quick else "tiny"
+    x = torch.randn(batch, 3, img, img, device=ctx.device)
+    y = torch.randint(0, 1000, (batch,), device=ctx.device)
+    steps = {}
+    for variant in LOCAL_VS_SWIN:
+        torch.manual_seed(0)
+        m = create_model(variant, size, num_classes=1000, img_size=img).to(ctx.device)
+        step = model_bench._train_step(m, x, y, torch.optim.SGD(m.parameters(), lr=1e-4))
+        steps[variant] = _timed(step, ctx.device)
+        steps[f"{variant} (attention free)"] = _timed(_attention_free(step), ctx.device)
+    times = {n: median(t) for n, t in interleaved(steps, reps, warmup=1).items()}
+    ips = {v: batch / times[v] for v in LOCAL_VS_SWIN}
+    share = {v: 1 - times[f"{v} (attention free)"] / times[v] for v in LOCAL_VS_SWIN}
+    return (f"{size}, {img}², batch {batch}, bf16, median of {reps}: "
+            + "; ".join(f"{v} {ips[v]:.0f} img/s ({ips[v] / ips['swin']:.2f}x swin, attention {share[v]:.0%} of "
+                        f"the step)" for v in LOCAL_VS_SWIN) + " (target >= 0.85x)")
+
+
+def _attention_free(step: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        with backends.attention_free():
+            step()
+
+    return run
 
 
 # ----------------------------------------------------------------------------- train.py end to end
@@ -799,6 +977,15 @@ def checks(device: torch.device) -> list[Check]:
         rows.append(Check(f"attention time {size}²", "neighborhood vs window, fwd+bwd",
                           lambda ctx, size=size: attention_time(ctx.device, size, reps=3 if ctx.quick else 10),
                           device="cuda"))
+    rows.append(Check("perf swin-T vs timm swin-T compiled", "224², batch 64, bf16, both torch.compile",
+                      lambda ctx: swin_vs_timm(ctx.device, *((32, 224, 3) if ctx.quick else (64, 224, 10)), warmup=3,
+                                               compiled=True), device="cuda", needs_s=300))
+    rows.append(Check("perf window + bias vs timm", "56², batch 64, fwd+bwd, every route", window_vs_timm,
+                      device="cuda", needs_s=90))
+    rows.append(Check("perf dilated vs neighborhood", "56², d = 2..8, fwd+bwd", dilated_vs_neighborhood,
+                      device="cuda", needs_s=60))
+    rows.append(Check("perf local vs swin", "tiny 224², batch 32, train img/s + attention share", local_vs_swin,
+                      device="cuda", needs_s=60))
     e2e = "trainer=gpu trainer.max_epochs=1" if device.type == "cuda" else "trainer=debug, CPU, 32², embed_dim 16"
     rows.append(Check("train.py + W&B offline", e2e, train_e2e))
     rows.append(Check("ddp nccl", "trainer=ddp trainer.devices=1", ddp_nccl, device="cuda"))
@@ -858,6 +1045,7 @@ def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=None,
                    help="fewer steps and repetitions, smaller batches (default: on without CUDA, off with it)")
     p.add_argument("--only", metavar="REGEX", help="only rows whose 'check setting' matches (re.search)")
+    p.add_argument("--perf", action="store_true", help=f"only the timing rows of the GPU targets (--only {PERF!r})")
     p.add_argument("--list", action="store_true", help="print the rows that would run, run nothing")
     p.add_argument("--tol-scale", type=float, default=1.0, help="multiply every tolerance (0 makes them fail)")
     p.add_argument("--budget-s", type=float, default=420.0,
@@ -902,7 +1090,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser, args = parse(argv)
     has_cuda = torch.cuda.is_available() and not args.no_cuda
     device = torch.device("cuda") if has_cuda else CPU
-    selected = select(parser, checks(device), args.only)
+    selected = select(parser, checks(device), PERF if args.perf else args.only)
     if args.list:
         print(markdown_table(["check", "setting", "device"], [[c.name, c.setting, c.where(has_cuda)] for c in selected]))
         return 0
