@@ -8,6 +8,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula
 from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
 
+from .attention import backends
+
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _CPU_SDPA_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
@@ -55,11 +57,14 @@ def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int =
     x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Routed attention kernels count their exact work (k*k keys per query, the window), not what a
+    # route computes (the tiled kernel's halos) or what the flop counter sees (nothing for custom ops).
+    with torch.no_grad(), FlopCounterMode(display=False) as counter, backends.exact_work() as attention:
         model(x)
     model.train(was_training)
     params = sum(p.numel() for p in model.parameters())
     reach = tuple(model.stage_reach((h, w))) if hasattr(model, "stage_reach") else ()
     routes = tuple(model.stage_routes((h, w), device, dtype, batch)) if hasattr(model, "stage_routes") else ()
     setting = f"training on {device}, {str(dtype).removeprefix('torch.')}, batch {batch}"
-    return ModelSummary(params, counter.get_total_flops() / 2e9, (h, w), reach, routes, setting)
+    macs = counter.get_total_flops() / 2 + attention[0]
+    return ModelSummary(params, macs / 1e9, (h, w), reach, routes, setting)

@@ -276,6 +276,35 @@ def attention_free() -> Iterator[None]:
         _FREE.pop()
 
 
+_COUNTERS: list[list[int]] = []
+
+
+@contextmanager
+def exact_work() -> Iterator[list[int]]:
+    """Count attention's exact work, whatever route would run: inside, routed kernels (and the tiled
+    kernel, whose halos hold keys outside a query's window) run nothing (route ``skip``) and add the
+    multiply-adds of ``q k^T`` and ``p v`` over the keys each query really sees to ``counter[0]``."""
+    counter = [0]
+    _COUNTERS.append(counter)
+    _FREE.append(True)
+    try:
+        yield counter
+    finally:
+        _FREE.pop()
+        _COUNTERS.pop()
+
+
+def counting() -> bool:
+    """Inside :func:`exact_work`?"""
+    return bool(_COUNTERS)
+
+
+def add_work(macs: int) -> None:
+    """Add a skipped kernel's exact multiply-adds to the innermost :func:`exact_work` counter."""
+    if _COUNTERS:
+        _COUNTERS[-1][0] += int(macs)
+
+
 def choose(call: Call, setting: Optional[str] = None) -> str:
     """The route for ``call``; ``setting`` is the module's ``model.attn_backend`` (None: auto)."""
     if _FREE:

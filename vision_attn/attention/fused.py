@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 _logger = logging.getLogger(__name__)
 
@@ -244,6 +245,21 @@ def _autograd_backward(ctx, grad, grad_probs, grad_lse, *grad_copies):
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# torch's flop counter (ours, Lightning's summary table) counts custom ops as free without a formula:
+# the exact work is q k^T and p v over k*k keys per query (forward), four such products in backward.
+@register_flop_formula(torch.ops.vision_attn.na2d_cpu_forward)
+def _forward_flops(q, k, v, bias, heads, ky, dy, kx, dx, scale, out_shape=None, **kwargs) -> int:
+    BH, H, W, D = q  # flop formulas receive shapes
+    return 2 * BH * H * W * ky * kx * (D + v[-1])
+
+
+@register_flop_formula(torch.ops.vision_attn.na2d_cpu_backward)
+def _backward_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    BH, H, W, D = q
+    ky, kx = args[9], args[11]
+    return 4 * BH * H * W * ky * kx * (D + v[-1])
 
 
 def fused_neighborhood(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: tuple[int, int],

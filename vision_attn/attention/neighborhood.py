@@ -106,6 +106,12 @@ class AxisPattern:
     def tile_k(self) -> int:
         return min(self.group_len, self.tile_q + self.kernel - 1)
 
+    @property
+    def keys(self) -> int:
+        """Keys summed over the axis' queries: each sees ``min(kernel, its group's length)``."""
+        lens = [len(range(g, self.length, self.dilation)) for g in range(self.dilation)]
+        return sum(n * min(self.kernel, n) for n in lens)
+
 
 @dataclass(frozen=True)
 class AxisTables:
@@ -372,6 +378,8 @@ def tiled_attention(
     B, nh, H, W, D = q.shape
     if (H, W) != (py.length, px.length):
         raise ValueError(f"patterns are for a {py.length}x{px.length} map, got {H}x{W}")
+    if backends.counting():  # exact work, not the halos': see backends.exact_work
+        return _skipped(q, v, py, px, return_lse)
     device = q.device.type
     if torch.is_autocast_enabled(device):  # run in the autocast dtype, with autocast off inside
         q, k, v = (t.to(torch.get_autocast_dtype(device)) for t in (q, k, v))
@@ -452,8 +460,15 @@ def neighborhood_kernel(
     if route == "natten":
         return _natten_na2d(q, k, v, py, px, scale)
     if route == backends.SKIP:
-        return (v, v.new_zeros(v.shape[:-1])) if return_lse else v
+        return _skipped(q, v, py, px, return_lse)
     return tiled_attention(q, k, v, py, px, grid, scale, dropout_p, return_lse)
+
+
+def _skipped(q: torch.Tensor, v: torch.Tensor, py: AxisPattern, px: AxisPattern, return_lse: bool) -> Any:
+    """Route ``skip``: ``out = v`` (and a zero log-sum-exp), the exact work added to any counter."""
+    B, nh = q.shape[:2]
+    backends.add_work(B * nh * py.keys * px.keys * (q.shape[-1] + v.shape[-1]))
+    return (v, v.new_zeros(v.shape[:-1])) if return_lse else v
 
 
 # ----------------------------------------------------------------------------- modules

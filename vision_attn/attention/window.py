@@ -293,7 +293,11 @@ def windowed_sdpa(
     bias. The route (:mod:`.backends`) follows ``backend`` (``model.attn_backend``; None: auto)."""
     mask = window_mask(geo, grid, q)
     call = backends.call_of("window", q, mask, dropout_p, windows=q.shape[0] * q.shape[1])
-    return _ROUTES[backends.choose(call, backend)](q, k, v, mask, scale, dropout_p)
+    route = backends.choose(call, backend)
+    if route == backends.SKIP:  # every query of a window sees its N keys (the pads' rows included)
+        B, nW, nh, N, D = q.shape
+        backends.add_work(B * nW * nh * N * N * (D + v.shape[-1]))
+    return _ROUTES[route](q, k, v, mask, scale, dropout_p)
 
 
 def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
