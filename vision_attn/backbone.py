@@ -66,6 +66,9 @@ class VisionAttnTransformer(nn.Module):
     attend the pads), as :func:`vision_attn.from_timm` sets.
     """
 
+    #: timm's name for the layout of ``forward_features`` (and of an unpooled head): channels last.
+    output_fmt = "NHWC"
+
     def __init__(
         self,
         img_size: IntOrSeq = 224,
@@ -149,6 +152,15 @@ class VisionAttnTransformer(nn.Module):
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(self.head_hidden_size, num_classes, global_pool, drop_rate, input_fmt="NHWC")
         self.apply(_init_weights)
+
+    def __prepare_scriptable__(self) -> "VisionAttnTransformer":
+        """``torch.jit.script`` calls this first: these models are not TorchScript-able (see README, timm)."""
+        raise RuntimeError(
+            "vision_attn models cannot be compiled with torch.jit.script: the attention kinds choose their "
+            "kernel route per call in Python (vision_attn/attention/backends.py), and the fused CPU kernel is a "
+            "ctypes-loaded custom op. Use torch.export.export, torch.compile or fx (timm's feature extraction), "
+            "which all work on every variant"
+        )
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

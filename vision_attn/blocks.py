@@ -50,7 +50,7 @@ class Block(nn.Module):
         and one drop-path decision per sample.
         """
         B, H, W, C = x.shape
-        a_x, a_g = self.attn.forward_global(self.norm1(x), self.norm1(g))
+        a_x, a_g = self.attn(self.norm1(x), self.norm1(g))
         t = torch.cat([x.reshape(B, H * W, C), g], 1)
         t = t + self.drop_path1(self.ls1(torch.cat([a_x.reshape(B, H * W, C), a_g], 1)))
         t = t + self.drop_path2(self.ls2(self.mlp(self.norm2(t))))

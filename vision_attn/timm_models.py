@@ -61,8 +61,18 @@ def _entrypoint(variant: str, size: str) -> Callable[..., VisionAttnTransformer]
     return fn
 
 
+def _variant_cfg(variant: str, size: str) -> dict[str, Any]:
+    """The pretrained cfg fields that depend on the architecture: the stem's first conv, the final
+    map at the default 224² input (``pool_size``)."""
+    kw = model_kwargs(variant, size)
+    stem = kw.get("stem", "patch")
+    reduction = (kw.get("patch_size", 4) if stem == "patch" else 4) * 2 ** (len(kw["depths"]) - 1)
+    side = -(-224 // reduction)
+    return _cfg(first_conv="patch_embed.proj" if stem == "patch" else "patch_embed.proj.0", pool_size=(side, side))
+
+
 NAMES = [timm_name(v, s) for v in VARIANTS for s in SIZES]
-default_cfgs = generate_default_cfgs({name: _cfg() for name in NAMES})
+default_cfgs = generate_default_cfgs({timm_name(v, s): _variant_cfg(v, s) for v in VARIANTS for s in SIZES})
 _module = sys.modules[__name__]
 for _variant in VARIANTS:
     for _size in SIZES:

@@ -1,7 +1,7 @@
 """Shared qkv / output projection for attention modules on channels-last maps."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -52,8 +52,12 @@ class QKVAttention(nn.Module):
         """This kind's attention on ``(B, heads, H, W, D)`` q, k, v (bias included)."""
         raise TypeError(f"{type(self).__name__} does not expose attend()")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B, H, W, C)`` through :meth:`attend` (kinds may override)."""
+    def forward(self, x: torch.Tensor, g: Optional[torch.Tensor] = None) -> Any:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)`` through :meth:`attend` (kinds may override); with global
+        tokens ``g`` ``(B, G, C)``, both updated (:meth:`forward_global`). Blocks call the module
+        (never ``forward_global`` directly), so that fx tracing keeps each kind one leaf call."""
+        if g is not None:
+            return self.forward_global(x, g)
         return self.out_proj(self.attend(*self.map_qkv(x)))
 
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

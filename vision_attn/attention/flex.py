@@ -27,6 +27,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .cache import tensor_cache
+
 _logger = logging.getLogger(__name__)
 
 #: Query / key tile (rows, columns) in group coordinates: 128 tokens, Flex's default block.
@@ -107,7 +109,7 @@ def score_mod(plan: FlexPlan, grid: Optional[torch.Tensor]) -> Optional[Callable
     return add_bias
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def flex_plan(H: int, W: int, ky: int, dy: int, kx: int, dx: int, device: torch.device) -> FlexPlan:
     """The cached :class:`FlexPlan` with its ``BlockMask`` on ``device``."""
     from torch.nn.attention.flex_attention import create_block_mask

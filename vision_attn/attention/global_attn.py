@@ -6,18 +6,18 @@ any map size. The dense ``(heads, HW, HW)`` bias is built per call.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .cache import tensor_cache
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 
 
-@lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _clipped_offsets(length: int, side: int, device: torch.device) -> torch.Tensor:
     """``(L*L,)`` grid index of ``clip(key - query, -c, c) + c`` for every (query, key) pair."""
     c = (side - 1) // 2

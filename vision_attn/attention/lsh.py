@@ -30,13 +30,13 @@ Memory is ``O(N * 2 * chunk * n_hashes)`` scores: no ``N x N`` matrix is built.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import tensor_cache, tracing
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, clipped_pair_index, new_bias_table
@@ -61,7 +61,7 @@ def lsh_rotations(n_hashes: int, heads: int, dim: int, buckets: int, seed: int,
     return rot.to(device=device, dtype=dtype)
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _cached_rotations(n_hashes: int, heads: int, dim: int, buckets: int, seed: int, device: torch.device,
                       dtype: torch.dtype) -> torch.Tensor:
     """:func:`lsh_rotations` drawn once per (layer seed, shape, device, dtype), not every step."""
@@ -172,16 +172,21 @@ class LSHAttention(QKVAttention):
         self.chunk, self.n_hashes, self.buckets = spec.lsh_chunk, spec.lsh_hashes, spec.lsh_buckets
         self.window_size = spec.window_size
         self.register_buffer("hash_seed", torch.randint(1 << 31, ()), persistent=True)
+        self._seed = int(self.hash_seed)  # read without a data-dependent int() while torch.export traces
         self.relative_position_bias_table = new_bias_table(num_heads, spec.window_size) if spec.rel_pos_bias else None
 
     def bias_grid(self) -> Optional[torch.Tensor]:
         t = self.relative_position_bias_table
         return None if t is None else bias_grid(t)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._seed = int(self.hash_seed)
+
     def rotations(self, n: int, like: torch.Tensor) -> torch.Tensor:
         """This module's rotations for an ``n``-token map."""
         b = lsh_num_buckets(n, self.chunk, self.buckets)
-        seed = int(self.hash_seed)
+        seed = self._seed if tracing() else int(self.hash_seed)
         return _cached_rotations(self.n_hashes, self.num_heads, self.head_dim, b, seed, like.device, like.dtype)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import torch
 
+from .cache import tensor_cache
 from . import backends, flex, fused
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
@@ -191,7 +192,7 @@ def _combine(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return ea, eb
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _plan_cpu(py: AxisPattern, px: AxisPattern) -> TilePlan:
     ty, tx = axis_tables(py), axis_tables(px)
     W = px.length
@@ -215,13 +216,13 @@ def _plan_cpu(py: AxisPattern, px: AxisPattern) -> TilePlan:
     )
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def tile_plan(py: AxisPattern, px: AxisPattern, device: torch.device) -> TilePlan:
     """Cached :class:`TilePlan` of two axis patterns on ``device``."""
     return _plan_cpu(py, px).to(device)
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _bias_index(py: AxisPattern, px: AxisPattern, side: int, device: torch.device) -> torch.Tensor:
     """Flat index into a bias row of ``side**2 + 1`` entries; masked pairs hit the last (-inf) one."""
     plan = _plan_cpu(py, px)

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from timm.layers import register_notrace_module
 from torch import nn
 
 _ATTENTION: dict[str, type[nn.Module]] = {}
@@ -37,6 +38,9 @@ def register_attention(name: str) -> Callable[[type[nn.Module]], type[nn.Module]
             raise ValueError(f"attention kind {name!r} is registered twice")
         _ATTENTION[name] = cls
         cls.kind = name
+        # fx (timm's feature extraction, torchvision's create_feature_extractor): a kind is one leaf
+        # call. Its route choice and geometry read concrete map sizes, which symbolic tracing cannot.
+        register_notrace_module(cls)
         return cls
 
     return add

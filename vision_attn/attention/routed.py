@@ -18,19 +18,19 @@ pure attention pattern. Memory is ``O(N * topk * w^2)`` scores.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from .cache import tensor_cache
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 from .window import WindowGeometry, _heads_to_windows, partition, unpartition
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _region_valid(geo: WindowGeometry, device: torch.device) -> torch.Tensor:
     """``(nR, w*w)``: which slots of each region hold a real token (not padding)."""
     return partition(torch.ones(1, geo.H, geo.W, 1, dtype=torch.bool), geo)[0, ..., 0].to(device)
@@ -46,7 +46,7 @@ def route(qw: torch.Tensor, kw: torch.Tensor, valid: torch.Tensor, topk: int) ->
     return affinity.topk(min(topk, affinity.shape[-1]), dim=-1).indices
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _bias_blocks_index(geo: WindowGeometry, side: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
     """Grid index ``(My, Mx, n, n)`` of every (query slot, key slot) pair per region offset.
 

@@ -25,13 +25,13 @@ spread evenly over the real tokens the cell covers, so each row still sums to 1 
 """
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cache import tensor_cache
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
@@ -41,7 +41,7 @@ def reduced_size(length: int, ratio: int) -> int:
     return -(-length // ratio)
 
 
-@lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _axis_index(length: int, ratio: int, side: int, device: torch.device) -> torch.Tensor:
     """``(L * Lr,)`` grid index of ``clip(cell - i // r, ±c) + c`` for every (token, cell) pair."""
     c = (side - 1) // 2
@@ -128,7 +128,9 @@ class SpatialReductionAttention(QKVAttention):
         out = scores.softmax(-1) @ v.reshape(B, nh, -1, v.shape[-1])
         return out.view(B, nh, H, W, -1), scores.logsumexp(-1).view(B, nh, H, W)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, g: Optional[torch.Tensor] = None) -> Any:
+        if g is not None:
+            return self.forward_global(x, g)
         q, k, v = self.map_qkv(x)
         return self.out_proj(spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p))
 

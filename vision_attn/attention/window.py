@@ -13,13 +13,13 @@ is one window and is not shifted. Padding, ``padding=``:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 
+from .cache import tensor_cache
 from . import backends
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
@@ -120,7 +120,7 @@ def _region_labels(length: int, window: int, shift: int) -> torch.Tensor:
     return labels
 
 
-@lru_cache(maxsize=128)
+@tensor_cache(maxsize=128)
 def _allowed_cpu(geo: WindowGeometry) -> torch.Tensor:
     # Region labels over the arranged (padded, rolled) map, as the windows see it.
     label = _region_labels(geo.Hp, geo.wh, geo.sh)[:, None] * 3 + _region_labels(geo.Wp, geo.ww, geo.sw)[None, :]
@@ -133,7 +133,7 @@ def _allowed_cpu(geo: WindowGeometry) -> torch.Tensor:
     return allowed
 
 
-@lru_cache(maxsize=128)
+@tensor_cache(maxsize=128)
 def _allowed_on(geo: WindowGeometry, device: torch.device) -> torch.Tensor:
     return _allowed_cpu(geo).to(device)
 
@@ -421,7 +421,9 @@ class WindowAttention(QKVAttention):
     def attend_lse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return window_attention_lse(q, k, v, *self._args())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, g: Optional[torch.Tensor] = None) -> Any:
+        if g is not None:
+            return self.forward_global(x, g)
         B, H, W, C = x.shape
         geo = WindowGeometry.of(H, W, self.window_size, self.shift_size, self.padding)
         q, k, v = self.split_qkv(partition(x, geo))  # (B, nW, heads, N, D); pads project to the qkv bias
