@@ -91,6 +91,20 @@ def test_loading_in_the_main_process_leaves_the_global_rngs_alone(crops):
     assert (random.random(), np.random.rand()) == expected[1:]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_validation_and_test_loaders_leave_the_global_rng_alone(crops, workers):
+    """Creating an eval loader's iterator draws its workers' base seed from the loader's own
+    generator, not from the global torch RNG that training draws from (drop path, random erasing)."""
+    dm = _datamodule(crops, workers)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        torch.manual_seed(11)
+        for _ in range(2):  # a persistent-worker iterator is made once; without workers, every epoch
+            next(iter(loader))
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_loader_with_workers_resumed_mid_epoch_continues_with_the_same_pixels(crops):
     """The loader-level view of kill -9 + resume, 2 persistent workers."""
     reference = _datamodule(crops, 2).train_dataloader()
