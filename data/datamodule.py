@@ -62,6 +62,10 @@ class BaseDataModule(L.LightningDataModule):
         self.splits: dict[str, Dataset] = {}
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        """A loader of ``split`` with a generator of its own: creating its iterator draws the
+        workers' base seed from it, never from the global torch RNG that training draws from
+        (drop path, random erasing); without it each validation would move the training stream,
+        differently with 0 workers, persistent workers and after a resume."""
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size,
@@ -70,6 +74,7 @@ class BaseDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=shuffle and len(self.splits[split]) > self.batch_size,
+            generator=torch.Generator(),
         )
 
     @property

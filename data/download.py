@@ -25,6 +25,7 @@ import lzma
 import os
 import shutil
 import stat
+import sys
 import tarfile
 import urllib.error
 import urllib.parse
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = ".download.lock"
 CHUNK = 1 << 20
+TAR_FILTER_PYTHON = (3, 11, 4)  # tarfile's extraction filters (PEP 706) appeared in 3.11.4
 BROKEN = (EOFError, tarfile.TarError, zlib.error, gzip.BadGzipFile, lzma.LZMAError, zipfile.BadZipFile)
 
 
@@ -257,10 +259,23 @@ def unfinished(root: Path) -> list[Path]:
     return sorted(root.glob(".*.extracting")) if root.is_dir() else []
 
 
+def check_tar_filter_python(archive: Path) -> None:
+    """A ConfigError unless this Python has tarfile's extraction filters (``filter="data"``,
+    PEP 706: Python 3.11.4 and later in the 3.11 series)."""
+    if tuple(sys.version_info[:3]) < TAR_FILTER_PYTHON:
+        have, need = ".".join(map(str, sys.version_info[:3])), ".".join(map(str, TAR_FILTER_PYTHON))
+        raise ConfigError(
+            f"extracting {archive}: safe tar extraction (tarfile's filter='data') needs Python {need} or newer, "
+            f"this is Python {have}; upgrade Python to {need}+ and recreate the environment (rm -rf .venv && make venv)"
+        )
+
+
 def extract(archive: Path, root: Path, rename: Sequence[tuple[str, str]] = (), ours: bool = False) -> None:
     """Extract a tar or zip ``archive`` into ``root`` after checking every member (see the module
     docstring); a previous unfinished extraction of it is removed first. ``ours``: the archive was
-    downloaded here (a broken one is then deleted)."""
+    downloaded here (a broken one is then deleted). Tar archives need Python 3.11.4+."""
+    if not zipfile.is_zipfile(archive):
+        check_tar_filter_python(archive)
     try:
         with _open_archive(archive) as (kind, handle):
             members, tops = (_check_tar if kind == "tar" else _check_zip)(handle, archive, root)

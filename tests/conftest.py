@@ -11,20 +11,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``python train.py <args>`` in a subprocess with W&B forced offline-capable and no key."""
+def train_env(tmp_path: Path, env: dict | None = None) -> dict[str, str]:
+    """The environment for a train.py subprocess: no W&B settings or key, its dirs under ``tmp_path``."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     clean.update({"HOME": str(tmp_path / "home"), "WANDB_CACHE_DIR": str(tmp_path / "wandb_cache")})
     clean.update({"WANDB_CONFIG_DIR": str(tmp_path / "wandb_config"), "WANDB_DATA_DIR": str(tmp_path / "wandb_data")})
     clean.update(env or {})
+    return clean
+
+
+def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python train.py <args>`` in a subprocess with W&B forced offline-capable and no key."""
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=ROOT,
-        env=clean,
+        env=train_env(tmp_path, env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def start_train(args: list[str], tmp_path: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """Start ``python train.py <args>`` (as :func:`run_train`) without waiting; stdout and stderr go to ``log``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT,
+                                env=train_env(tmp_path, env), stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
 import lightning as L
 
@@ -17,6 +19,20 @@ class KillAtStep(L.Callback):
         if trainer.global_step == self.step:
             print(f"killing at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})", flush=True)
             os.kill(os.getpid(), self.sig)
+
+
+class PauseAtStep(L.Callback):
+    """At the end of training step ``step`` (after that step's checkpoint), create ``marker`` and
+    wait up to ``seconds`` for another process to kill this one (then carry on)."""
+
+    def __init__(self, step: int, marker: str, seconds: float = 120.0) -> None:
+        self.step, self.marker, self.seconds = step, Path(marker), seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            print(f"paused at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})", flush=True)
+            self.marker.touch()
+            time.sleep(self.seconds)
 
 
 class Crash(Exception):

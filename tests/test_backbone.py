@@ -1,6 +1,8 @@
 """Backbone family: timm interoperability, any resolution, timm-style surface, checkpoints."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
@@ -186,6 +188,50 @@ def test_pretrained_from_a_local_state_dict(tmp_path):
     torch.testing.assert_close(ft.patch_embed.proj.weight, theirs.patch_embed.proj.weight)
     assert ft.layers[0].blocks[0].attn.relative_position_bias_table.shape == (15 * 15, 1)
     assert ft.head.fc.out_features == 3
+
+
+def microsoft_layout(model: SwinTransformer) -> dict:
+    """``model``'s weights as the original Microsoft Swin repository saves them: downsample at the
+    end of a stage, ``head.*`` (not ``head.fc.*``), the index and mask buffers, under "model"."""
+    state = {}
+    for key, value in model.state_dict().items():
+        stage = re.match(r"layers\.(\d+)\.downsample\.(.*)", key)
+        key = f"layers.{int(stage[1]) - 1}.downsample.{stage[2]}" if stage else key.replace("head.fc.", "head.")
+        state[key] = value
+    for name, module in model.named_modules():
+        for buffer in ("relative_position_index", "attn_mask"):
+            if getattr(module, buffer, None) is not None:
+                state[f"{name}.{buffer}"] = getattr(module, buffer)
+    return {"model": state}
+
+
+PICO_64 = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=[4, 4, 4, 2])
+
+
+def test_a_checkpoint_in_the_microsoft_layout_is_a_config_error_naming_the_file_and_keys(tmp_path):
+    path = tmp_path / "swin_ms.pth"
+    torch.save(microsoft_layout(tiny_timm_swin(64, 4, classes=7)), path)
+    with pytest.raises(ConfigError) as info:
+        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **PICO_64)
+    message = str(info.value)
+    assert message.startswith(f"model.pretrained={path}: the checkpoint does not fit this model: ")
+    assert "6 with another shape: layers.1.downsample.norm.weight 128 (model 64)" in message
+    assert "layers.1.downsample.reduction.weight 64x128 (model 32x64)" in message
+    assert "3 missing: layers.3.downsample.norm.weight 256" in message
+    assert "unexpected: layers.0.downsample.norm.weight 64" in message and "head.weight 7x128" in message
+    assert "original Microsoft Swin layout" in message and "checkpoint_filter_fn" in message
+
+
+def test_a_checkpoint_of_another_width_is_a_config_error_listing_shapes(tmp_path):
+    path = tmp_path / "narrow.pth"
+    torch.save(va.create_model("swin", "pico", num_classes=7, img_size=64, **PICO_64).state_dict(), path)
+    with pytest.raises(ConfigError) as info:
+        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **{**PICO_64, "embed_dim": 32})
+    message = str(info.value)
+    assert f"model.pretrained={path}: the checkpoint does not fit this model: " in message
+    assert "with another shape: patch_embed.proj.weight 16x3x4x4 (model 32x3x4x4)" in message
+    assert "missing" not in message and "unexpected" not in message and "Microsoft" not in message
+    assert "more)" in message  # a few listed, the rest counted
 
 
 def test_pretrained_unknown_name_is_a_config_error():

@@ -9,6 +9,7 @@ import io
 import multiprocessing
 import os
 import shutil
+import sys
 import tarfile
 import time
 import urllib.request
@@ -164,6 +165,23 @@ def test_unsafe_zip_member_is_refused(tmp_path, member):
         fetch_archive(Archive(str(archive)), root)
     assert tree(root) == {".download.lock"} and tree(tmp_path / "deep") == {"root", "root/.download.lock"}
     assert not (tmp_path / "x").exists()
+
+
+def test_tar_extraction_on_a_python_without_tar_filters_is_a_config_error_naming_the_fix(tmp_path, monkeypatch):
+    archive, root = tar_with(tmp_path / "good.tgz"), tmp_path / "root"
+    monkeypatch.setattr(sys, "version_info", (3, 11, 3, "final", 0))
+    with pytest.raises(ConfigError, match=r"good.tgz: safe tar extraction .* needs Python 3.11.4 or newer, this is "
+                                          r"Python 3.11.3; upgrade Python"):
+        fetch_archive(Archive(str(archive)), root)
+    assert tree(root) == {".download.lock"}
+    zipped = tmp_path / "good.zip"  # zip extraction needs no tar filter
+    with zipfile.ZipFile(zipped, "w") as zf:
+        zf.writestr("data/a.txt", "fine")
+    fetch_archive(Archive(str(zipped)), root)
+    assert (root / "data" / "a.txt").read_text() == "fine"
+    monkeypatch.undo()
+    fetch_archive(Archive(str(archive)), root)
+    assert (root / "ok" / "a.txt").read_text() == "fine"
 
 
 def test_zip_archive_extracts_with_a_marker(tmp_path):

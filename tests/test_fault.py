@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import random
 import re
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -26,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from vision_attn.errors import ConfigError, TrainingDiverged
 from vision_attn.fault import (AtomicCheckpointIO, FaultTolerance, atomic_torch_save, collect_rng_states,
                                resolve_ckpt_path)
+from vision_attn.callbacks import ImageLogger
 from vision_attn.module import ClassificationModule
 
 OPTIM = dict(opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5)
@@ -192,6 +195,57 @@ def test_sigterm_mid_validation_reruns_that_validation_in_full_on_resume(tmp_pat
     assert float(trainer.checkpoint_callback.best_model_score) == float(ref_trainer.checkpoint_callback.best_model_score)
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def _rng_states() -> tuple:
+    """The global torch, numpy and python RNG states, comparable with ``==``."""
+    np_state = np.random.get_state()
+    return torch.get_rng_state().numpy().tobytes(), np_state[1].tobytes(), np_state[2], random.getstate()
+
+
+class DrawsInValidation(L.Callback):
+    """Draws from every global RNG at each validation's end (a user's callback, say)."""
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        torch.rand(1), np.random.rand(), random.random()
+
+
+class RngAcrossValidation(L.Callback):
+    """For each of the fit's validations: whether the global RNG states at its end equal those
+    after the training batch before it (loader iterators, the model, other callbacks in between)."""
+
+    def __init__(self) -> None:
+        self.before, self.unchanged = None, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.before = _rng_states()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.unchanged.append(_rng_states() == self.before)
+
+
+def test_validation_with_the_image_logger_draws_nothing_from_the_global_rngs(tmp_path):
+    """No FaultTolerance here: the val loader (0 workers: a new iterator every epoch), the eval
+    forward and ImageLogger (fresh attention modules each epoch) leave training's streams alone."""
+    L.seed_everything(0, workers=True)
+    dm = ShapesDataModule(image_size=32, batch_size=8, train_size=16, val_size=8, test_size=8)
+    module = ClassificationModule(dict(variant="swin", size="pico", embed_dim=16), 8, 32, OPTIM)
+    watch = RngAcrossValidation()
+    trainer = L.Trainer(max_epochs=2, logger=False, callbacks=[ImageLogger(str(tmp_path / "images")), watch],
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=dm)
+    assert watch.unchanged == [True, True]
+    assert (tmp_path / "images" / "attention_patterns.png").is_file()
+
+
+def test_the_fits_validation_leaves_the_training_rng_streams_alone(tmp_path):
+    """A callback drawing from every global RNG in validation: FaultTolerance puts the states from
+    before the validation back, so training continues on the streams it left."""
+    watch = RngAcrossValidation()
+    _fit(tmp_path, extra=[DrawsInValidation(), watch])  # FaultTolerance's on_validation_end runs before watch's
+    assert watch.unchanged == [True, True]
 
 
 # --- resumable sampler -----------------------------------------------------------------------------

@@ -2,15 +2,17 @@
 index), not of which worker drew it, how many workers there are, or where a run was resumed."""
 from __future__ import annotations
 
+import os
 import random
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_train
+from conftest import ROOT, run_train, start_train
 from data.fakes import make_photo_crops, write_truncated
 from data.modules import ImageFolderDataModule
 from test_fault import final_metrics
@@ -89,6 +91,20 @@ def test_loading_in_the_main_process_leaves_the_global_rngs_alone(crops):
     assert (random.random(), np.random.rand()) == expected[1:]
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_validation_and_test_loaders_leave_the_global_rng_alone(crops, workers):
+    """Creating an eval loader's iterator draws its workers' base seed from the loader's own
+    generator, not from the global torch RNG that training draws from (drop path, random erasing)."""
+    dm = _datamodule(crops, workers)
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    for loader in (dm.val_dataloader(), dm.test_dataloader()):
+        torch.manual_seed(11)
+        for _ in range(2):  # a persistent-worker iterator is made once; without workers, every epoch
+            next(iter(loader))
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_loader_with_workers_resumed_mid_epoch_continues_with_the_same_pixels(crops):
     """The loader-level view of kill -9 + resume, 2 persistent workers."""
     reference = _datamodule(crops, 2).train_dataloader()
@@ -105,39 +121,82 @@ def test_loader_with_workers_resumed_mid_epoch_continues_with_the_same_pixels(cr
     assert torch.equal(_images(seen + rest), full)
 
 
-# --- kill -9 mid-epoch with 2 workers and the photo recipe, resume, compare ----------------------
+# --- whole runs on real photos: 0 vs 2 workers; kill -9 mid-epoch with 2 workers, resume ------------
+#
+# 64 real-photo crops, batch 8: 8 steps an epoch, 2 epochs with validation after each, the photo
+# recipe (RandAugment, random erasing, Mixup/CutMix), drop path, last.ckpt every 3 steps. Epoch 1's
+# training randomness must not depend on how (and in which process) epoch 0's validation ran.
+
+RUN = ["data=imagefolder", "augment=imagenet", "data.image_size=32", "data.batch_size=8", "model.size=pico",
+       "model.embed_dim=16", "trainer.max_epochs=2", "trainer.limit_val_batches=2", "trainer.limit_test_batches=1",
+       "trainer.deterministic=true", "checkpoint_every_n_steps=3", "seed=3", "logger=csv"]
+
+
+def _train(root: Path, run_dir: Path, workers: int, tmp_path: Path, *extra: str) -> str:
+    """An uninterrupted run of :data:`RUN`; its output."""
+    done = run_train([*RUN, f"data.root={root}", f"data.num_workers={workers}", f"hydra.run.dir={run_dir}", *extra],
+                     tmp_path)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    return out
+
+
+def _last(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+
+
+def _assert_same_run(a_dir: Path, a_out: str, b_dir: Path, b_out: str) -> None:
+    """Bit-identical final weights (and optimizer step) and the same val/test metrics."""
+    a, b = _last(a_dir), _last(b_dir)
+    assert a["global_step"] == b["global_step"] == 16 and a["epoch"] == b["epoch"]
+    diff = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
+    ma, mb = final_metrics(a_out), final_metrics(b_out)
+    print(f"max |weight diff| {diff:.3g}; val/loss {ma['val/loss']:.4f} vs {mb['val/loss']:.4f}")
+    assert diff == 0.0
+    for key in ("val/loss", "val/acc1", "test/loss", "test/acc1"):
+        assert mb[key] == ma[key], key
+
+
+@pytest.fixture(scope="module")
+def photo_run(tmp_path_factory) -> tuple[Path, Path, str]:
+    """(crops, run dir, output) of an uninterrupted run of :data:`RUN` with 2 loader workers."""
+    tmp = tmp_path_factory.mktemp("photo_run")
+    root = make_photo_crops(tmp / "crops", train=64, val=16)
+    return root, tmp / "full", _train(root, tmp / "full", 2, tmp)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_with_workers_and_the_photo_recipe_then_resume_matches(tmp_path):
-    """64 real-photo crops, batch 8: 8 steps an epoch, 2 epochs, 2 workers, augment=imagenet
-    (RandAugment, random erasing, Mixup/CutMix); last.ckpt every 4 steps; SIGKILL at step 14;
-    resume=true. Bit-identical weights and metrics to an uninterrupted run."""
-    root = make_photo_crops(tmp_path / "crops", train=64, val=16)
-    args = ["data=imagefolder", f"data.root={root}", "augment=imagenet", "data.image_size=32", "data.batch_size=8",
-            "data.num_workers=2", "model.embed_dim=16", "trainer=debug", "trainer.max_epochs=2",
-            "trainer.limit_train_batches=null", "trainer.deterministic=true", "checkpoint_every_n_steps=4", "seed=3",
-            "logger=none"]
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full = run_train([*args, f"hydra.run.dir={full_dir}"], tmp_path)
-    assert full.returncode == 0, (full.stdout + full.stderr)[-3000:]
+def test_zero_and_two_workers_train_the_same_weights_with_validation_between_epochs(photo_run, tmp_path):
+    root, full_dir, full_out = photo_run
+    out = _train(root, tmp_path / "main", 0, tmp_path)
+    _assert_same_run(full_dir, full_out, tmp_path / "main", out)
 
-    killed = run_train([*args, f"hydra.run.dir={cut_dir}", "+callbacks.killer._target_=fault_helpers.KillAtStep",
-                        "+callbacks.killer.step=14"], tmp_path, env={"PYTHONPATH": str(ROOT / "tests")})
-    assert killed.returncode == -signal.SIGKILL, (killed.stdout + killed.stderr)[-3000:]
-    assert torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
 
-    resumed = run_train([*args, f"hydra.run.dir={cut_dir}", "resume=true"], tmp_path)
+@pytest.mark.slow
+def test_sigkill_mid_epoch_with_workers_and_the_photo_recipe_then_resume_matches(photo_run, tmp_path):
+    """2 workers; another process SIGKILLs the run after the step-3 last.ckpt of epoch 0 (at step
+    4, which is lost); resume=true redoes step 4, epoch 0's validation and epoch 1. Bit-identical
+    weights and metrics to the uninterrupted run."""
+    root, full_dir, full_out = photo_run
+    cut_dir, marker = tmp_path / "cut", tmp_path / "paused"
+    args = [*RUN, f"data.root={root}", "data.num_workers=2", f"hydra.run.dir={cut_dir}"]
+    pause = ["+callbacks.pause._target_=fault_helpers.PauseAtStep", "+callbacks.pause.step=4",
+             f"+callbacks.pause.marker={marker}"]
+    proc = start_train([*args, *pause], tmp_path, tmp_path / "cut.log", env={"PYTHONPATH": str(ROOT / "tests")})
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), (tmp_path / "cut.log").read_text()[-3000:]
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _last(cut_dir)["global_step"] == 3 and _last(cut_dir)["epoch"] == 0
+
+    resumed = run_train([*args, "resume=true"], tmp_path)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming from" in out and "not resumable" not in out
-
-    a = torch.load(full_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    b = torch.load(cut_dir / "checkpoints" / "last.ckpt", weights_only=True)
-    assert a["global_step"] == b["global_step"] == 16 and a["epoch"] == b["epoch"]
-    diff = max((a["state_dict"][k] - b["state_dict"][k]).abs().max().item() for k in a["state_dict"])
-    print(f"max |weight diff| {diff:.3g}")
-    assert diff == 0.0
-    ma, mb = final_metrics(full.stdout + full.stderr), final_metrics(out)
-    for key in ("val/loss", "val/acc1", "test/loss", "test/acc1"):
-        assert mb[key] == ma[key], key
+    _assert_same_run(full_dir, full_out, cut_dir, out)

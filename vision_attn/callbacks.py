@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, ProgressBar, RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities.seed import isolate_rng
 from PIL import Image
 
 from .errors import ConfigError
@@ -173,7 +174,8 @@ class ImageLogger(L.Callback):
         stage = pl_module.model.layers[0]
         attn, spec = stage.blocks[0].attn, max(stage.specs, key=lambda s: s.dilation)
         h, w = next(iter(maps.values())).shape[-2:]
-        patterns = kind_patterns(attn.dim, attn.num_heads, h, w, spec)
+        with isolate_rng():  # fresh modules: their initialisation must not draw from training's streams
+            patterns = kind_patterns(attn.dim, attn.num_heads, h, w, spec)
         log_image(trainer, "attention/patterns",
                   attention_figure(pixels[0], patterns, points, "receptive field of each attention kind (stage 1)"),
                   self.out_dir)

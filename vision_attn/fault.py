@@ -8,7 +8,8 @@ and where a resumed run takes its checkpoint from.
   optimizer steps (mid-epoch resume points); on SIGTERM, ``last.ckpt`` at the point the loops
   stop, then the run exits; the global RNG states (torch, CUDA, numpy, random) go into every
   checkpoint and are restored when the resumed run starts training, so dropout / drop-path /
-  Mixup draws continue the interrupted run's streams.
+  Mixup draws continue the interrupted run's streams; the fit's validation leaves them as they
+  were before it (:meth:`FaultTolerance.on_validation_end`).
 - :func:`resolve_ckpt_path`: ``resume=true`` / ``ckpt_path=last`` / a requeued SLURM job -> the
   newest valid checkpoint of the run (``last.ckpt``, ``hpc_ckpt_*.ckpt``).
 - Every checkpoint is loaded with ``torch.load(weights_only=True)`` (:func:`load_checkpoint_file`);
@@ -215,6 +216,13 @@ class FaultTolerance(L.Callback):
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self._last_step_saved = trainer.global_step
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Put back the RNG states from before the fit's validation: whatever drew from the global
+        generators in it (loader iterators, callbacks, hooks) leaves training's streams where they
+        were, as in a resumed run that re-runs a validation cut short (see :meth:`state_dict`)."""
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._rng_before_validation:
+            set_rng_states(self._rng_before_validation)
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if not (self.save_on_sigterm and isinstance(exception, SIGTERMException)):
             return
@@ -301,6 +309,7 @@ class FaultTolerance(L.Callback):
             if states is not None:
                 set_rng_states(states)
             self._rng_to_restore = None
+        self._rng_before_validation = collect_rng_states()  # a validation re-run before the first batch
 
 
 def restore_train_loader_position(trainer: L.Trainer) -> None:

@@ -84,8 +84,50 @@ def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
         ) from e
 
 
+RESIZED = "relative_position_bias_table"  # resized on load (attention.base), any shape fits
+SHOWN = 4  # keys listed per kind of misfit
+
+
+def _shape(value: object) -> str:
+    return "x".join(map(str, getattr(value, "shape", ()))) or "scalar"
+
+
+def _listed(entries: list[str]) -> str:
+    more = f", ... ({len(entries) - SHOWN} more)" if len(entries) > SHOWN else ""
+    return ", ".join(entries[:SHOWN]) + more
+
+
+def misfits(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``own``: shape mismatches
+    (bias tables excepted), missing keys (the head excepted: it may stay fresh) and unexpected ones."""
+    mismatched = [f"{k} {_shape(v)} (model {_shape(own[k])})" for k, v in state.items()
+                  if k in own and getattr(v, "shape", None) != own[k].shape and not k.endswith(RESIZED)]
+    missing = [f"{k} {_shape(v)}" for k, v in own.items() if k not in state and not k.startswith("head.")]
+    unexpected = [f"{k} {_shape(v)}" for k, v in state.items() if k not in own]
+    found = [(mismatched, "with another shape"), (missing, "missing"), (unexpected, "unexpected")]
+    return [f"{len(keys)} {what}: {_listed(keys)}" for keys, what in found if keys]
+
+
+def check_fits(source: str, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """A ConfigError naming ``source`` and the keys that do not fit (see :func:`misfits`)."""
+    problems = misfits(own, state)
+    if not problems:
+        return
+    layout = ""
+    if "layers.0.downsample.reduction.weight" in state:  # timm's own test for the original layout
+        layout = ("; it is in the original Microsoft Swin layout (downsample at the end of a stage, head.*): "
+                  "convert it first with timm.models.swin_transformer.checkpoint_filter_fn(checkpoint, "
+                  "<a timm SwinTransformer of its shape>) and save the result")
+    raise ConfigError(
+        f"model.pretrained={source}: the checkpoint does not fit this model: {'; '.join(problems)}{layout}; "
+        "give a checkpoint of this architecture (the model.size / embed_dim / depths / num_heads it was trained "
+        "with) in timm's SwinTransformer key layout, or leave model.pretrained null"
+    )
+
+
 def load_pretrained(model: VisionAttnTransformer, source: str) -> None:
-    """Load weights by timm name or path; resize bias tables; keep a fresh head if shapes differ."""
+    """Load weights by timm name or path; resize bias tables; keep a fresh head if shapes differ.
+    A checkpoint that does not fit otherwise is a ConfigError naming the keys (:func:`check_fits`)."""
     state = _read_state_dict(source) if os.path.exists(source) else _timm_state_dict(source)
     head = {k for k in ("head.fc.weight", "head.fc.bias") if k in state}
     own = model.state_dict()
@@ -93,9 +135,5 @@ def load_pretrained(model: VisionAttnTransformer, source: str) -> None:
         for k in head:
             state.pop(k)
         log.info("pretrained %s: classifier shape differs, the head stays freshly initialised", source)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("head.")]
-    if missing or unexpected:
-        raise ConfigError(
-            f"model.pretrained={source!r} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    check_fits(source, own, state)
+    model.load_state_dict(state, strict=False)  # only the head may be missing (checked)
