@@ -7,12 +7,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from timm.models.swin_transformer import SwinTransformer
 
 import vision_attn as va
 from vision_attn.errors import ConfigError
 from vision_attn.summary import summarize
 from vision_attn.timm_models import NAMES, timm_name
+
+from test_config import cfg_with
 
 
 
@@ -109,14 +112,15 @@ def test_any_input_resolution(variant, hw):
     assert [tuple(m.shape[-2:]) for m in maps] == shapes
 
 
-def test_bias_tables_resize_bicubic_when_loading_a_different_window():
+def test_bias_tables_resize_with_timms_helper_when_loading_a_different_window():
+    from timm.layers import resize_rel_pos_bias_table
+
     small = va.create_model("swin", "pico", num_classes=4, img_size=64, window_size=4)
     table = small.layers[0].blocks[1].attn.relative_position_bias_table.detach()  # (49, 1)
     large = va.create_model("swin", "pico", num_classes=4, img_size=64, window_size=6)
     large.load_state_dict(small.state_dict(), strict=True)
     got = large.layers[0].blocks[1].attn.relative_position_bias_table.detach()
-    expected = F.interpolate(table.T.reshape(1, 1, 7, 7), size=(11, 11), mode="bicubic", align_corners=False)
-    torch.testing.assert_close(got, expected.reshape(1, 121).T)
+    torch.testing.assert_close(got, resize_rel_pos_bias_table(table, (6, 6), (121, 1)), rtol=0, atol=0)
     assert large(torch.randn(1, 3, 64, 64)).shape == (1, 4)
 
 
@@ -208,18 +212,69 @@ def microsoft_layout(model: SwinTransformer) -> dict:
 PICO_64 = dict(embed_dim=16, depths=[2, 2, 2, 2], num_heads=[1, 2, 2, 4], window_size=[4, 4, 4, 2])
 
 
-def test_a_checkpoint_in_the_microsoft_layout_is_a_config_error_naming_the_file_and_keys(tmp_path):
+def test_a_checkpoint_in_the_microsoft_layout_loads_and_gives_timms_outputs(tmp_path):
+    """The original repository's layout (downsample at a stage's end, head.*, index / mask buffers,
+    under "model") loads through timm's checkpoint_filter_fn, by create_model and by model.pretrained."""
+    theirs = tiny_timm_swin(64, 4, classes=7).eval()
+    path = tmp_path / "swin_ms.pth"
+    torch.save(microsoft_layout(theirs), path)
+    ours = va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **PICO_64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-4
+    cfg = cfg_with("model.pretrained=" + str(path), "model.embed_dim=16", "model.depths=[2,2,2,2]",
+                   "model.num_heads=[1,2,2,4]", "model.window_size=[4,4,4,2]", "data.image_size=64")
+    module = instantiate(cfg.module)  # 8 classes: the checkpoint's 7-class head is left out, the rest loads
+    with torch.no_grad():
+        assert (module.model.eval().forward_features(x) - theirs.forward_features(x)).abs().max() <= 1e-4
+
+
+def test_a_microsoft_layout_checkpoint_of_another_width_is_a_config_error_naming_the_keys(tmp_path):
     path = tmp_path / "swin_ms.pth"
     torch.save(microsoft_layout(tiny_timm_swin(64, 4, classes=7)), path)
     with pytest.raises(ConfigError) as info:
-        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **PICO_64)
+        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **{**PICO_64, "embed_dim": 32})
     message = str(info.value)
     assert message.startswith(f"model.pretrained={path}: the checkpoint does not fit this model: ")
-    assert "6 with another shape: layers.1.downsample.norm.weight 128 (model 64)" in message
-    assert "layers.1.downsample.reduction.weight 64x128 (model 32x64)" in message
-    assert "3 missing: layers.3.downsample.norm.weight 256" in message
-    assert "unexpected: layers.0.downsample.norm.weight 64" in message and "head.weight 7x128" in message
-    assert "original Microsoft Swin layout" in message and "checkpoint_filter_fn" in message
+    assert "with another shape: patch_embed.proj.weight 16x3x4x4 (model 32x3x4x4)" in message
+
+
+def test_bias_tables_resize_as_timms_own_loading_does(tmp_path):
+    """A checkpoint trained at window 4, fine-tuned at window 8: timm's loading of the file
+    (checkpoint_filter_fn -> resize_rel_pos_bias_table) and ours give the same tables and outputs."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    path = tmp_path / "w4.pth"
+    torch.save(tiny_timm_swin(64, 4, classes=7).state_dict(), path)
+    theirs = tiny_timm_swin(64, 8, classes=7).eval()
+    theirs.load_state_dict(checkpoint_filter_fn(torch.load(path), theirs), strict=False)
+    kw = {**PICO_64, "window_size": [8, 8, 4, 2]}  # timm shrinks the window to each stage's map
+    ours = va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **kw).eval()
+    for i in range(4):
+        a = ours.layers[i].blocks[0].attn.relative_position_bias_table
+        b = theirs.layers[i].blocks[0].attn.relative_position_bias_table
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (ours(x) - theirs(x)).abs().max() <= 1e-5
+
+
+def test_to_timm_is_the_inverse_of_from_timm():
+    theirs = tiny_timm_swin(64, 4, classes=7).eval()
+    ours = va.from_timm(theirs)
+    back = va.to_timm(ours).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=0)
+    assert back.state_dict().keys() == theirs.state_dict().keys()
+    native = va.create_model("swin", "pico", num_classes=5, img_size=224, window_padding="timm").eval()  # ours, to timm
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert (va.to_timm(native).eval()(x) - native(x)).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="to_timm needs a Swin"):
+        va.to_timm(va.create_model("swin_local", "pico", num_classes=5))
+    with pytest.raises(ValueError, match=r"pad their maps to the window.*window_padding='timm'"):
+        va.to_timm(va.create_model("swin", "pico", num_classes=5, img_size=224))  # masked padding differs from timm
 
 
 def test_a_checkpoint_of_another_width_is_a_config_error_listing_shapes(tmp_path):

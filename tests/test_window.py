@@ -211,17 +211,19 @@ def test_rectangular_bias_table_has_timm_shape_and_gives_timms_bias():
 
 
 def test_resize_bias_table_to_and_from_rectangles():
-    def bicubic(t, old, new):
-        g = F.interpolate(t.T.reshape(1, 2, *old), size=new, mode="bicubic", align_corners=False)
-        return g.reshape(2, -1).T
-
+    """timm's resize_rel_pos_bias_table underneath: shapes to and from rectangles, the zero offset
+    kept exactly (its interpolation grid holds it), a table that already fits returned as it is."""
     square = torch.randn(13 * 13, 2)  # 7 x 7 window
-    torch.testing.assert_close(resize_bias_table(square, (5, 7)), bicubic(square, (13, 13), (9, 13)))
+    small = resize_bias_table(square, (5, 7))
+    assert small.shape == (9 * 13, 2)
+    torch.testing.assert_close(small.view(9, 13, 2)[4, 6], square.view(13, 13, 2)[6, 6])
     rect = torch.randn(9 * 13, 2)  # 5 x 7 window
     assert resize_bias_table(rect, (5, 7)) is rect  # rows that cannot be square: taken as fitting already
-    torch.testing.assert_close(resize_bias_table(rect, 7, old_size=(5, 7)), bicubic(rect, (9, 13), (13, 13)))
-    torch.testing.assert_close(resize_bias_table(rect, (3, 9), old_size=(5, 7)), bicubic(rect, (9, 13), (5, 17)))
-    with pytest.raises(ValueError, match="pass its"):
+    wide = resize_bias_table(rect, (3, 9), old_size=(5, 7))
+    assert wide.shape == (5 * 17, 2)
+    torch.testing.assert_close(wide.view(5, 17, 2)[2, 8], rect.view(9, 13, 2)[4, 6])
+    assert resize_bias_table(rect, 7, old_size=(5, 7)).shape == (13 * 13, 2)
+    with pytest.raises(ValueError, match="pass old_window_size"):
         resize_bias_table(rect, 7)
 
 

@@ -5,6 +5,7 @@ import logging
 import os
 
 import torch
+from timm.models import load_state_dict
 from torch import nn
 
 from .backbone import VisionAttnTransformer
@@ -58,18 +59,65 @@ def from_timm(model: nn.Module) -> VisionAttnTransformer:
     return ours.train(model.training)
 
 
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from a ``.pth``/``.ckpt``/``.safetensors`` file (Lightning checkpoints too)."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+def to_timm(model: VisionAttnTransformer) -> nn.Module:
+    """timm's ``SwinTransformer`` with ``model``'s weights and outputs: the inverse of :func:`from_timm`,
+    for a model fine-tuned here and deployed with timm. ``model`` must be a Swin: window / shifted
+    window blocks with a bias, the patch stem and merges, one window size (timm shrinks it per stage
+    as we do), and ``window_padding="timm"`` wherever a map is not a multiple of the window."""
+    from timm.models.swin_transformer import SwinTransformer
 
-        return load_file(path)
-    obj = load_checkpoint_file(path)  # weights_only=True, on the CPU; a pickled file is a ConfigError
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    return {k.removeprefix("model."): v for k, v in obj.items()}  # LightningModule -> backbone
+    blocks = [stage.blocks for stage in model.layers]
+    attn = [b.attn for stage in blocks for b in stage]
+    kinds = [a.kind for a in attn]
+    if any(k != ("window" if i % 2 == 0 else "shifted_window") for stage in blocks for i, k in
+           enumerate(b.attn.kind for b in stage)) or any(a.relative_position_bias_table is None for a in attn):
+        raise ValueError(f"to_timm needs a Swin (window / shifted_window blocks with a bias), got {sorted(set(kinds))}")
+    img = model.patch_embed.img_size
+    window = max(a.window_size for a in attn)
+    maps = [(-(-img[0] // info["reduction"]), -(-img[1] // info["reduction"])) for info in model.feature_info]
+    shrunk = [tuple(min(w, r) for w, r in zip(window, m)) for m in maps]  # timm's rule: the window shrinks to the map
+    if any(tuple(min(w, r) for w, r in zip(b[0].attn.window_size, m)) != s for b, m, s in zip(blocks, maps, shrunk)):
+        raise ValueError(f"to_timm needs one window size (timm has one per model, shrunk to small maps), got "
+                         f"{[b[0].attn.window_size for b in blocks]} on maps {maps}")
+    embed = model.patch_embed.proj
+    theirs = SwinTransformer(
+        img_size=img, patch_size=embed.kernel_size[0], in_chans=embed.in_channels, num_classes=model.num_classes,
+        embed_dim=embed.out_channels, depths=[len(b) for b in blocks], num_heads=[b[0].attn.num_heads for b in blocks],
+        window_size=window, mlp_ratio=blocks[0][0].mlp.fc1.out_features / blocks[0][0].mlp.fc1.in_features,
+        qkv_bias=attn[0].qkv.bias is not None, drop_path_rate=0.0, global_pool=model.head.global_pool.pool_type,
+    )
+    padded = [i for i, (st, b) in enumerate(zip(theirs.layers, blocks)) if
+              any(r % w for r, w in zip(st.blocks[0].input_resolution, st.blocks[0].window_size))]
+    if padded and any(a.padding != "timm" for a in attn):
+        raise ValueError(f"stages {padded} pad their maps to the window: timm attends the padded keys, this model "
+                         "masks them (model.window_padding=mask); build it with window_padding='timm' to match timm")
+    theirs.load_state_dict(model.state_dict(), strict=False)  # timm's index / mask buffers are its own
+    return theirs.train(model.training)
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.pth``/``.ckpt``/``.safetensors`` file through timm's reader
+    (``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` entries, ``module.`` and
+    ``_orig_mod.`` prefixes), always ``weights_only``; a Lightning checkpoint's ``model.`` prefix goes."""
+    if path.endswith(".safetensors"):
+        return load_state_dict(path)
+    load_checkpoint_file(path, mmap=True)  # our weights-only errors (pickled objects, corrupt) name the file
+    state = load_state_dict(path, weights_only=True)
+    return {k.removeprefix("model."): v for k, v in state.items()}  # LightningModule -> backbone
+
+
+def microsoft_layout(state: dict[str, torch.Tensor]) -> bool:
+    """Is ``state`` in the original Microsoft Swin layout (downsample at the end of a stage)? timm's own test."""
+    return "layers.0.downsample.reduction.weight" in state
+
+
+def _from_microsoft_layout(model: VisionAttnTransformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's conversion (``swin_transformer.checkpoint_filter_fn``): downsample moved to the next
+    stage's start, ``head.*`` to ``head.fc.*``, the index / mask buffers dropped, bias tables resized
+    with timm's ``resize_rel_pos_bias_table``. Our state-dict names are timm's, so it reads our model."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    return checkpoint_filter_fn(state, model)
 
 
 def _timm_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -113,13 +161,8 @@ def check_fits(source: str, own: dict[str, torch.Tensor], state: dict[str, torch
     problems = misfits(own, state)
     if not problems:
         return
-    layout = ""
-    if "layers.0.downsample.reduction.weight" in state:  # timm's own test for the original layout
-        layout = ("; it is in the original Microsoft Swin layout (downsample at the end of a stage, head.*): "
-                  "convert it first with timm.models.swin_transformer.checkpoint_filter_fn(checkpoint, "
-                  "<a timm SwinTransformer of its shape>) and save the result")
     raise ConfigError(
-        f"model.pretrained={source}: the checkpoint does not fit this model: {'; '.join(problems)}{layout}; "
+        f"model.pretrained={source}: the checkpoint does not fit this model: {'; '.join(problems)}; "
         "give a checkpoint of this architecture (the model.size / embed_dim / depths / num_heads it was trained "
         "with) in timm's SwinTransformer key layout, or leave model.pretrained null"
     )
@@ -129,6 +172,9 @@ def load_pretrained(model: VisionAttnTransformer, source: str) -> None:
     """Load weights by timm name or path; resize bias tables; keep a fresh head if shapes differ.
     A checkpoint that does not fit otherwise is a ConfigError naming the keys (:func:`check_fits`)."""
     state = _read_state_dict(source) if os.path.exists(source) else _timm_state_dict(source)
+    if microsoft_layout(state):
+        state = _from_microsoft_layout(model, state)
+        log.info("pretrained %s: the original Microsoft Swin layout, converted by timm's checkpoint_filter_fn", source)
     head = {k for k in ("head.fc.weight", "head.fc.bias") if k in state}
     own = model.state_dict()
     if any(k in own and state[k].shape != own[k].shape for k in head):

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
-from timm.layers import to_2tuple, trunc_normal_
+from timm.layers import resize_rel_pos_bias_table, to_2tuple, trunc_normal_
 
 
 Size = Union[int, tuple[int, int]]
@@ -66,21 +66,19 @@ def window_bias(grid: torch.Tensor, wh: int, ww: int) -> torch.Tensor:
 
 
 def resize_bias_table(table: torch.Tensor, new_size: Size, old_size: Optional[Size] = None) -> torch.Tensor:
-    """Bicubic resize of a timm-layout table to a new ``new_size`` window/kernel (fine-tuning).
+    """Resize a timm-layout ``((2h-1)*(2w-1), heads)`` table to a new ``new_size`` window/kernel
+    (fine-tuning) with timm's ``resize_rel_pos_bias_table``, as timm's own Swin loading does: a model
+    fine-tuned here at a new window starts from the same weights as in timm.
 
     Without ``old_size`` the source is taken as square, or, when its rows cannot be square, as
-    already fitting ``new_size`` (timm's ``resize_rel_pos_bias_table`` rule).
+    already fitting ``new_size``; otherwise a ValueError asks for ``old_size``.
     """
-    new_h, new_w = (2 * s - 1 for s in to_2tuple(new_size))
-    if old_size is None and _square_side(table.shape[0]) is None and table.shape[0] == new_h * new_w:
+    new = to_2tuple(new_size)
+    shape = ((2 * new[0] - 1) * (2 * new[1] - 1), table.shape[1])
+    if old_size is not None and tuple(to_2tuple(old_size)) == tuple(new):
         return table
-    old_h, old_w = (2 * s - 1 for s in table_window(table, old_size))
-    if (old_h, old_w) == (new_h, new_w):
-        return table
-    heads = table.shape[1]
-    grid = table.T.reshape(1, heads, old_h, old_w).float()
-    grid = nn.functional.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
-    return grid.reshape(heads, new_h * new_w).T.to(table.dtype)
+    return resize_rel_pos_bias_table(table, new_window_size=new, new_bias_shape=shape,
+                                     old_window_size=None if old_size is None else to_2tuple(old_size))
 
 
 def clipped_pair_index(q_pos: torch.Tensor, k_pos: torch.Tensor, width: int, side: int) -> torch.Tensor:
