@@ -2,8 +2,10 @@
 from . import attention, timm_models  # noqa: F401  (registers attention kinds and timm names)
 from .backbone import VisionAttnTransformer
 from .errors import ConfigError
-from .pretrained import from_timm, load_pretrained, to_timm
-from .variants import SIZES, VARIANTS, create_model
+from .factory import create_model
+from .pretrained import load_pretrained
+from .timm_convert import from_timm, to_timm
+from .variants import SIZES, VARIANTS
 
 __all__ = [
     "attention",

@@ -15,7 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .errors import TrainingDiverged
 from .summary import summarize
-from .variants import create_model
+from .factory import create_model
 
 
 class ClassificationModule(L.LightningModule):

@@ -68,7 +68,7 @@ def size_defaults(variant: str, size: str) -> dict[str, Any]:
     return dict(SIZES[size])
 
 
-_BACKBONE_KEYS = set(inspect.signature(VisionAttnTransformer).parameters)
+BACKBONE_KEYS = set(inspect.signature(VisionAttnTransformer).parameters)
 
 
 def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -82,8 +82,8 @@ def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str
     if "dilated" in kwargs["block_pattern"]:
         kwargs["dilations"] = DILATIONS[size]
     for key, value in overrides.items():
-        if key not in _BACKBONE_KEYS:
-            raise ConfigError(f"unknown model key model.{key}; valid keys: {sorted(_BACKBONE_KEYS)}")
+        if key not in BACKBONE_KEYS:
+            raise ConfigError(f"unknown model key model.{key}; valid keys: {sorted(BACKBONE_KEYS)}")
         if value is not None:
             kwargs[key] = value
     validate(kwargs)
@@ -219,31 +219,3 @@ def validate(kwargs: dict[str, Any]) -> None:
     _validate_windows(kwargs, len(depths))
     _validate_beyond_local(kwargs)
     _validate_tiles(kwargs)
-
-
-def create_model(
-    variant: str = "swin",
-    size: str = "tiny",
-    num_classes: int = 1000,
-    img_size: int | tuple[int, int] = 224,
-    pretrained: str | None = None,
-    grad_checkpointing: bool = False,
-    **overrides: Any,
-) -> VisionAttnTransformer:
-    """Build a backbone by variant and size; any backbone argument can be overridden.
-
-    ``pretrained`` is a timm model name (weights download through timm) or a local
-    checkpoint / state-dict path; bias tables are resized and a mismatched head is left fresh.
-    """
-    kwargs = model_kwargs(variant, size, **overrides)
-    model = VisionAttnTransformer(img_size=img_size, num_classes=num_classes, **kwargs)
-    from .timm_models import _cfg  # the registry module imports this one
-
-    size_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    model.pretrained_cfg = model.default_cfg = _cfg(num_classes=num_classes, input_size=(3, *size_hw))
-    if pretrained:
-        from .pretrained import load_pretrained
-
-        load_pretrained(model, pretrained)
-    model.set_grad_checkpointing(grad_checkpointing)
-    return model

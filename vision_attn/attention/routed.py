@@ -27,7 +27,7 @@ from .cache import tensor_cache
 from .base import QKVAttention
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
-from .window import WindowGeometry, _heads_to_windows, partition, unpartition
+from .window import WindowGeometry, heads_to_windows, partition, unpartition
 
 
 @tensor_cache(maxsize=64)
@@ -102,7 +102,7 @@ def routed_attention(
     B, nh, H, W, D = q.shape
     geo = WindowGeometry.of(H, W, region)
     valid = _region_valid(geo, q.device)  # (nR, n)
-    qw, kw, vw = (_heads_to_windows(t, geo) for t in (q, k, v))  # (B, nR, heads, n, D)
+    qw, kw, vw = (heads_to_windows(t, geo) for t in (q, k, v))  # (B, nR, heads, n, D)
     idx = route(qw.detach(), kw.detach(), valid, topk)  # (B, nR, t)
     nR, n, t = valid.shape[0], valid.shape[1], idx.shape[-1]
     kg = _gather_regions(kw, idx).transpose(2, 3).reshape(B, nR, nh, t * n, D)
@@ -159,7 +159,7 @@ class RoutedAttention(QKVAttention):
         _, H, W, _ = x.shape
         q, k, _ = self.qkv_heads(x)
         geo = WindowGeometry.of(H, W, self.region)
-        qw, kw = _heads_to_windows(q, geo), _heads_to_windows(k, geo)
+        qw, kw = heads_to_windows(q, geo), heads_to_windows(k, geo)
         idx = route(qw, kw, _region_valid(geo, x.device), self.topk)[0]  # (nR, t)
         nrx = geo.Wp // geo.ww
         ys, xs = torch.arange(H, device=x.device), torch.arange(W, device=x.device)

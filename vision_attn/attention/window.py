@@ -145,7 +145,7 @@ def allowed_mask(geo: WindowGeometry, device: torch.device) -> Optional[torch.Te
 
 def _per_head(t: torch.Tensor, h: int) -> torch.Tensor:
     """Head ``h`` of ``(B, nW, heads, N, D)`` as ``(B*nW, N, D)``: a view for the layouts
-    :meth:`QKVAttention.split_qkv` and :func:`_heads_to_windows` produce (no copy)."""
+    :meth:`QKVAttention.split_qkv` and :func:`heads_to_windows` produce (no copy)."""
     B, nW, _, N, D = t.shape
     return t[:, :, h].reshape(B * nW, N, D)
 
@@ -300,15 +300,15 @@ def windowed_sdpa(
     return _ROUTES[route](q, k, v, mask, scale, dropout_p)
 
 
-def _heads_to_windows(t: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
+def heads_to_windows(t: torch.Tensor, geo: WindowGeometry, fill: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(B, heads, H, W, D)`` -> ``(B, nW, heads, N, D)``; pads are zeros or ``fill`` ``(heads, D)``."""
     B, nh, H, W, D = t.shape
     t = partition(t.permute(0, 2, 3, 1, 4).reshape(B, H, W, nh * D), geo, None if fill is None else fill.reshape(-1))
     return t.view(B, geo.num_windows, -1, nh, D).transpose(2, 3)
 
 
-def _windows_to_heads(t: torch.Tensor, geo: WindowGeometry, H: int, W: int) -> torch.Tensor:
-    """``(B, nW, heads, N, D)`` -> ``(B, heads, H, W, D)`` (inverse of :func:`_heads_to_windows`)."""
+def windows_to_heads(t: torch.Tensor, geo: WindowGeometry, H: int, W: int) -> torch.Tensor:
+    """``(B, nW, heads, N, D)`` -> ``(B, heads, H, W, D)`` (inverse of :func:`heads_to_windows`)."""
     B, nW, nh, N, D = t.shape
     t = unpartition(t.transpose(2, 3).reshape(B, nW, N, nh * D), geo)
     return t.view(B, H, W, nh, D).permute(0, 3, 1, 2, 4)
@@ -322,7 +322,7 @@ def _to_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_size: 
     """Geometry of the ``(B, heads, H, W, D)`` map and q, k, v as windows ``(B, nW, heads, N, D)``."""
     geo = WindowGeometry.of(q.shape[2], q.shape[3], window_size, shift, padding)
     k_fill, v_fill = pad_kv if pad_kv is not None else (None, None)
-    return geo, _heads_to_windows(q, geo), _heads_to_windows(k, geo, k_fill), _heads_to_windows(v, geo, v_fill)
+    return geo, heads_to_windows(q, geo), heads_to_windows(k, geo, k_fill), heads_to_windows(v, geo, v_fill)
 
 
 def window_attention(
@@ -345,7 +345,7 @@ def window_attention(
     """
     geo, qw, kw, vw = _to_windows(q, k, v, window_size, shift, padding, pad_kv)
     out = windowed_sdpa(qw, kw, vw, geo, bias, scale, backend=backend)
-    return _windows_to_heads(out, geo, q.shape[2], q.shape[3])
+    return windows_to_heads(out, geo, q.shape[2], q.shape[3])
 
 
 def window_attention_lse(
@@ -368,7 +368,7 @@ def window_attention_lse(
     if allowed is not None:
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
     out = torch.cat([scores.softmax(-1) @ vw, scores.logsumexp(-1, keepdim=True)], -1)  # lse: one more channel
-    out = _windows_to_heads(out, geo, q.shape[2], q.shape[3])
+    out = windows_to_heads(out, geo, q.shape[2], q.shape[3])
     return out[..., :-1], out[..., -1]
 
 
