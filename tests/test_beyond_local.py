@@ -338,14 +338,14 @@ def test_learned_attention_maps_for_every_new_variant(variant: str) -> None:
 
 def test_tiled_log_sum_exp_gradcheck_in_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The chunked (recomputing) backward of the tiled kernel carries the log-sum-exp gradient too."""
-    import vision_attn.attention.neighborhood as nb
+    import vision_attn.attention.tiled as tiled
 
-    monkeypatch.setattr(nb, "STASH_SCORES", 64)
-    monkeypatch.setattr(nb, "CHUNK_SCORES", 32)
+    monkeypatch.setattr(tiled, "STASH_SCORES", 64)
+    monkeypatch.setattr(tiled, "CHUNK_SCORES", 32)
     q, k, v = (t.requires_grad_() for t in qkv(1, 1, 5, 6, D=2, seed=12))
     grid = bias(1, 3).requires_grad_()
     py, px = neighborhood_patterns(5, 6, 3, 2)
-    fn = lambda q, k, v, b: nb.tiled_attention(q, k, v, py, px, b, return_lse=True)  # noqa: E731
+    fn = lambda q, k, v, b: tiled.tiled_attention(q, k, v, py, px, b, return_lse=True)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (q, k, v, grid))
 
 

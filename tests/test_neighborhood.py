@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import vision_attn.attention.neighborhood as nb
+import vision_attn.attention.tiled as tiled
 from vision_attn.attention import AttnSpec, backends, create_attention, neighborhood_attention
 from vision_attn.errors import ConfigError
 from vision_attn.attention.rel_pos import bias_grid
@@ -83,8 +84,8 @@ def test_gradients_match_reference(na_route: str) -> None:
 @pytest.mark.parametrize("chunk", [1, 3000])
 def test_chunked_recompute_matches_reference(chunk: int, monkeypatch: pytest.MonkeyPatch, tiled_route: None) -> None:
     """Several chunks: backward recomputes each chunk's probabilities instead of keeping them."""
-    monkeypatch.setattr(nb, "STASH_SCORES", 0)
-    monkeypatch.setattr(nb, "CHUNK_SCORES", chunk)
+    monkeypatch.setattr(tiled, "STASH_SCORES", 0)
+    monkeypatch.setattr(tiled, "CHUNK_SCORES", chunk)
     q, k, v = (t.requires_grad_() for t in qkv(2, 2, 9, 13, seed=8))
     grid = bias(2, 3).requires_grad_()
     gout = qkv(2, 2, 9, 13, seed=9)[0]
@@ -105,8 +106,8 @@ def test_gradcheck(H: int, W: int, kernel: int, dilation: int, na_route: str) ->
 
 @pytest.mark.parametrize("stash", [1 << 22, 0])
 def test_gradcheck_with_dropout(stash: int, monkeypatch: pytest.MonkeyPatch, tiled_route: None) -> None:
-    monkeypatch.setattr(nb, "STASH_SCORES", stash)
-    monkeypatch.setattr(nb, "CHUNK_SCORES", 1)
+    monkeypatch.setattr(tiled, "STASH_SCORES", stash)
+    monkeypatch.setattr(tiled, "CHUNK_SCORES", 1)
     q, k, v = (t.requires_grad_() for t in qkv(1, 1, 4, 5, D=2, seed=7))
     grid = bias(1, 3).requires_grad_()
     py, px = nb.neighborhood_patterns(4, 5, 3, tile=(2, 2))  # 6 tiles: several chunks when chunk == 1
@@ -123,7 +124,7 @@ def test_never_builds_a_full_score_matrix() -> None:
     """Scores are (tiles, Q, K) with Q, K bounded by tile and kernel: linear in H*W, not quadratic."""
     ty, tx = nb.DEFAULT_TILE
     for L in (28, 56, 112):
-        plan = nb.tile_plan(*nb.neighborhood_patterns(L, L, 7, 2), torch.device("cpu"))
+        plan = tiled.tile_plan(*nb.neighborhood_patterns(L, L, 7, 2), torch.device("cpu"))
         Q, K = plan.tile_shape
         assert Q <= 2.25 * ty * tx and K <= (1.5 * ty + 6) * (1.5 * tx + 6)  # tiles are sized in [2t/3, 3t/2]
         assert L * L <= plan.num_tiles * Q <= 1.3 * L * L

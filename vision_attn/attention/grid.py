@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .neighborhood import AxisPattern, TiledAttentionModule, tiled_attention
+from .tiled import AxisPattern, TiledAttentionModule, tiled_attention
 from .registry import AttnSpec, register_attention
 
 
