@@ -448,14 +448,15 @@ def test_sigterm_saves_last_ckpt_and_exits_cleanly(tmp_path):
     assert f"resume with: python train.py hydra.run.dir={run_dir} resume=true" in out
 
 
-@pytest.mark.parametrize("knob,what", [("debug_nan_at_step", "training loss (nan)"),
-                                       ("debug_nan_grad_at_step", "gradient norm (inf)")], ids=["loss", "gradient"])
+@pytest.mark.parametrize("knob,what", [("loss", "training loss (nan)"),
+                                       ("grad", "gradient norm (inf)")], ids=["loss", "gradient"])
 def test_nan_loss_or_gradient_stops_naming_the_step_and_checkpoints_stay_finite(train_runner, tmp_path, knob, what):
     """A NaN loss, or a finite loss with an Inf gradient (a bf16 overflow), at step 5: exit 3 before
     AdamW writes NaN weights; last.ckpt stays the step-4 one. Checkpoint saves set weights_only."""
     run_dir = tmp_path / "run"
     proc = train_runner(*TINY, "logger=none", "trainer.max_epochs=2", "checkpoint_every_n_steps=2",
-                        f"module.{knob}=5", f"hydra.run.dir={run_dir}")
+                        "+callbacks.poison._target_=tests.poison.PoisonAt", "+callbacks.poison.step=5",
+                        f"+callbacks.poison.what={knob}", f"hydra.run.dir={run_dir}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 3, out[-3000:]
     assert f"training diverged: non-finite {what} at step 5 (epoch 1, batch 1)" in out

@@ -35,8 +35,7 @@ class ClassificationModule(L.LightningModule):
     ``check_finite``: stop with :class:`TrainingDiverged` naming the step when the training loss or
     the gradients' total norm is NaN/Inf (on any rank), before the optimizer step (checkpoints
     untouched). With fp16 mixed precision the gradient check is the GradScaler's (it skips such
-    steps). ``debug_nan_at_step`` / ``debug_nan_grad_at_step``: make the loss NaN / one gradient
-    Inf at that global step (to test the above).
+    steps). The tests poison a step with a test-only callback (``tests/poison.py``).
     """
 
     def __init__(
@@ -46,8 +45,6 @@ class ClassificationModule(L.LightningModule):
         img_size: int,
         optim: dict[str, Any],
         check_finite: bool = True,
-        debug_nan_at_step: Optional[int] = None,
-        debug_nan_grad_at_step: Optional[int] = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -59,8 +56,7 @@ class ClassificationModule(L.LightningModule):
             self.model.to(memory_format=torch.channels_last)
         # Not a registered submodule: same parameters, no "_orig_mod." keys in the state dict.
         self.__dict__["_compiled"] = torch.compile(self.model) if compile_model else None
-        self.check_finite, self.debug_nan_at_step = check_finite, debug_nan_at_step
-        self.debug_nan_grad_at_step = debug_nan_grad_at_step
+        self.check_finite = check_finite
         self.optim = dict(optim)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=self.optim.get("label_smoothing", 0.0))
         self.soft_criterion = SoftTargetCrossEntropy()
@@ -125,8 +121,6 @@ class ClassificationModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
-        if self.debug_nan_at_step is not None and self.global_step == self.debug_nan_at_step:
-            loss = loss * float("nan")
         if self.check_finite:
             self._stop_if_not_finite(loss, batch_idx)
         return loss
@@ -150,8 +144,6 @@ class ClassificationModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Stop before AdamW turns non-finite gradients (e.g. a bf16 overflow) into NaN weights."""
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if self.debug_nan_grad_at_step is not None and self.global_step == self.debug_nan_grad_at_step and grads:
-            grads[0].view(-1)[0] = float("inf")
         if not self.check_finite or not grads or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return
         norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
