@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from vision_attn.errors import ConfigError, TrainingDiverged, config_error_in
 from vision_attn.files import atomic_write_json
@@ -34,6 +33,96 @@ from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, SigtermGuard, 
 from vision_attn.loggers import read_run_id, write_run_id
 
 log = logging.getLogger("train")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> Optional[float]:
+    failed = True
+    guard = SigtermGuard().install()
+    try:
+        result = train(cfg, guard)
+        failed = False
+        return result
+    except Terminated as e:  # SIGTERM in any phase: exit 143, never a success
+        if e.phase != "fit":  # fit logged its own line (the checkpoint and how to resume)
+            log.warning(f"SIGTERM during {e.phase}: stopped, exit 143 (no results.json)")
+        sys.exit(143)
+    except TrainingDiverged as e:  # NaN/Inf loss or gradients: one line naming the step, checkpoints untouched
+        log.error(f"training diverged: {e}")
+        sys.exit(3)
+    except Exception as e:  # a bad config value: one clear line, no deep traceback
+        error = config_error_in(e)
+        if error is None:
+            raise
+        log.error(f"config error: {error}")
+        sys.exit(2)
+    finally:
+        guard.uninstall()
+        finish_wandb(failed)
+
+
+def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[float]:
+    """Fit, test the best checkpoint, and return the monitored metric. ``guard`` (main's) turns a
+    SIGTERM in any phase into :class:`Terminated` (exit 143)."""
+    guard = guard or SigtermGuard()
+    start = time.monotonic()
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = HydraConfig.get().runtime.output_dir
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), bool(cfg.get("resume", False)), run_dir)
+    resuming = ckpt_path not in (None, "best", "hpc")
+    wandb_id = read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path))) if resuming else None
+    datamodule = instantiate(cfg.data)
+    num_classes = dataset_num_classes(cfg, datamodule)
+    module = instantiate(cfg.module, num_classes=num_classes)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = build_loggers(cfg.get("logger"), wandb_id)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg))
+    refuse_multirun_relaunch(cfg, trainer)
+    record_run(cfg, trainer, loggers, datamodule, num_classes, run_dir)
+    if resuming:
+        log.info(f"resuming from {ckpt_path}" + (f" (W&B run {wandb_id})" if wandb_id else ""))
+
+    with guard.during("fit", on_stop=lambda: log_sigterm_in_fit(trainer, callbacks, run_dir)):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    monitored = metrics.get(cfg.monitor)
+    if cfg.test_after_fit:
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        with guard.during("test"):
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+    log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
+    if trainer.is_global_zero:
+        results_file = os.path.join(run_dir, "results.json")
+        with guard.during("writing results", on_stop=lambda: remove_quietly(results_file)):  # never claim a killed run
+            write_results(cfg, trainer, module, metrics, time.monotonic() - start)
+    guard.phase = "done"
+    return monitored
+
+
+def record_run(cfg: DictConfig, trainer: L.Trainer, loggers: list[Any], datamodule: Any, num_classes: int,
+               run_dir: str) -> None:
+    """The W&B run id in the run dir (so that a resume continues the same run) and the logged config."""
+    if trainer.is_global_zero:  # ranks are known once the Trainer exists
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and logger.version:
+                write_run_id(run_dir, logger.version)
+    for logger in loggers:  # rank-zero only
+        logger.log_hyperparams(logged_config(cfg, datamodule, num_classes))
+
+
+def log_sigterm_in_fit(trainer: L.Trainer, callbacks: list[Any], run_dir: str) -> None:
+    """One line: where a SIGTERM in fit left the checkpoint, and the command that resumes."""
+    saved = [cb.sigterm_checkpoint for cb in callbacks if isinstance(cb, FaultTolerance) and cb.sigterm_checkpoint]
+    last = os.path.join(run_dir, "checkpoints", "last.ckpt")
+    where = f"saved {saved[0]}" if saved else (f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
+    log.warning(f"SIGTERM: stopped at step {trainer.global_step}, {where}; "
+                f"resume with: python train.py hydra.run.dir={run_dir} resume=true")
+
+
+def remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 def instantiate_group(cfg: Optional[DictConfig]) -> list[Any]:
@@ -152,95 +241,6 @@ def refuse_multirun_relaunch(cfg: DictConfig, trainer: L.Trainer) -> None:
             "train.py, which Hydra multirun (-m) cannot do: run the jobs without -m one at a time, launch them with "
             "torchrun or srun (which start the processes themselves), or use launcher=slurm"
         )
-
-
-def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[float]:
-    """Fit, test the best checkpoint, and return the monitored metric. ``guard`` (main's) turns a
-    SIGTERM in any phase into :class:`Terminated` (exit 143)."""
-    guard = guard or SigtermGuard()
-    start = time.monotonic()
-    L.seed_everything(cfg.seed, workers=True)
-    run_dir = HydraConfig.get().runtime.output_dir
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), bool(cfg.get("resume", False)), run_dir)
-    resuming = ckpt_path not in (None, "best", "hpc")
-    wandb_id = read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path))) if resuming else None
-    datamodule = instantiate(cfg.data)
-    num_classes = dataset_num_classes(cfg, datamodule)
-    module = instantiate(cfg.module, num_classes=num_classes)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = build_loggers(cfg.get("logger"), wandb_id)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=trainer_plugins(cfg))
-    refuse_multirun_relaunch(cfg, trainer)
-    if trainer.is_global_zero:  # ranks are known once the Trainer exists
-        for logger in loggers:
-            if isinstance(logger, WandbLogger) and logger.version:
-                write_run_id(run_dir, logger.version)
-    for logger in loggers:  # rank-zero only
-        logger.log_hyperparams(logged_config(cfg, datamodule, num_classes))
-    if resuming:
-        log.info(f"resuming from {ckpt_path}" + (f" (W&B run {wandb_id})" if wandb_id else ""))
-
-    guard.check()
-    guard.phase = "fit"
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-        guard.check()
-    except (SIGTERMException, Terminated):
-        saved = [cb.sigterm_checkpoint for cb in callbacks if isinstance(cb, FaultTolerance) and cb.sigterm_checkpoint]
-        last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        where = f"saved {saved[0]}" if saved else (f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
-        log.warning(f"SIGTERM: stopped at step {trainer.global_step}, {where}; "
-                    f"resume with: python train.py hydra.run.dir={run_dir} resume=true")
-        raise Terminated("fit") from None
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    monitored = metrics.get(cfg.monitor)
-    if cfg.test_after_fit:
-        guard.phase = "test"
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        try:
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
-        except SIGTERMException:  # a SystemExit without a code: exit status 0 if let through
-            raise Terminated("test") from None
-        guard.check()
-        metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
-    log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
-    if trainer.is_global_zero:
-        guard.phase = "writing results"
-        try:
-            write_results(cfg, trainer, module, metrics, time.monotonic() - start)
-            guard.check()
-        except Terminated:
-            with contextlib.suppress(OSError):  # no results.json claiming a run that was killed
-                os.remove(os.path.join(run_dir, "results.json"))
-            raise
-    guard.phase = "done"
-    return monitored
-
-
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> Optional[float]:
-    failed = True
-    guard = SigtermGuard().install()
-    try:
-        result = train(cfg, guard)
-        failed = False
-        return result
-    except Terminated as e:  # SIGTERM in any phase: exit 143, never a success
-        if e.phase != "fit":  # fit logged its own line (the checkpoint and how to resume)
-            log.warning(f"SIGTERM during {e.phase}: stopped, exit 143 (no results.json)")
-        sys.exit(143)
-    except TrainingDiverged as e:  # NaN/Inf loss or gradients: one line naming the step, checkpoints untouched
-        log.error(f"training diverged: {e}")
-        sys.exit(3)
-    except Exception as e:  # a bad config value: one clear line, no deep traceback
-        error = config_error_in(e)
-        if error is None:
-            raise
-        log.error(f"config error: {error}")
-        sys.exit(2)
-    finally:
-        guard.uninstall()
-        finish_wandb(failed)
 
 
 if __name__ == "__main__":

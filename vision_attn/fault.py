@@ -23,9 +23,9 @@ import logging
 import os
 import random
 import signal
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from types import FrameType
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import numpy as np
@@ -465,3 +465,18 @@ class SigtermGuard:
         """Raise :class:`Terminated` if a SIGTERM came in (e.g. during a Trainer call that finished)."""
         if self.received:
             raise Terminated(self.phase)
+
+    @contextmanager
+    def during(self, phase: str, on_stop: Optional[Callable[[], None]] = None) -> Iterator[None]:
+        """Run one phase of train.py: a SIGTERM before, inside (Lightning's ``SIGTERMException`` too) or
+        recorded by its end raises :class:`Terminated` naming ``phase``, after ``on_stop()`` (e.g. a
+        log line saying where the checkpoint is, or removing a half-written results file)."""
+        self.check()
+        self.phase = phase
+        try:
+            yield
+            self.check()
+        except (SIGTERMException, Terminated):  # SIGTERMException: a SystemExit without a code (exit 0)
+            if on_stop is not None:
+                on_stop()
+            raise Terminated(phase) from None
