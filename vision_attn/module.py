@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .errors import TrainingDiverged
 from .summary import summarize
+from . import lightning_compat as compat
 from .factory import create_model
 
 
@@ -148,10 +149,9 @@ class ClassificationModule(L.LightningModule):
             return
         norm = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
         if self._any_rank(not bool(torch.isfinite(norm))):
-            loop = self.trainer.fit_loop.epoch_loop
             raise TrainingDiverged(
                 f"non-finite gradient norm ({float(norm)}) at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {loop.batch_idx}); stopped before the optimizer step, "
+                f"(epoch {self.current_epoch}, batch {compat.training_batch_index(self.trainer)}); stopped before the optimizer step, "
                 "checkpoints left as they were. Try bf16 -> 32-true precision, a lower optim.lr or "
                 "trainer.gradient_clip_val=1.0"
             )
@@ -171,7 +171,7 @@ class ClassificationModule(L.LightningModule):
         if max_epochs is not None and max_epochs >= 1:
             per_epoch = total_steps / max_epochs
         else:  # step-based run: one epoch = the train loader's batches per optimizer step
-            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does without max_steps
+            compat.setup_train_data(self.trainer)
             per_epoch = self.trainer.num_training_batches / self.trainer.accumulate_grad_batches
         if not math.isfinite(per_epoch):
             return 0
