@@ -161,7 +161,7 @@ def test_side_task_through_the_datamodule():
 
 @pytest.mark.parametrize("task,at_least", [("direction", 0.85), ("side", 0.9)])
 def test_absolute_positions_alone_nearly_solve_the_geometric_tasks(task, at_least):
-    """Why these tasks need no reach in a model that knows where things are (README, 48 px ablation):
+    """Why these tasks need no reach in a model that knows where things are (docs/results.md, 48 px ablation):
     a linear model on each object's 8x8-grid cell, added and never compared, gets most labels right."""
     from sklearn.linear_model import LogisticRegression
 

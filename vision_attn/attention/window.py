@@ -165,7 +165,7 @@ class _WindowAttentionFunction(torch.autograd.Function):
     a ``(B*nW*heads, N, D)`` batch); ``mask`` ``(1 or nW, heads, N, N)`` broadcasts over the batch and
     its gradient is reduced once per head. torch's math SDPA, the alternative for a mask that needs
     a gradient, copies q, k, v into one batch and runs a NaN-guarding softmax; this kernel is
-    1.2-1.6x faster forward+backward from 128 windows on (README, "Attention kernels").
+    1.2-1.6x faster forward+backward from 128 windows on (docs/kernels.md).
     """
 
     @staticmethod
