@@ -125,7 +125,7 @@ def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from train import instantiate_group
+    from vision_attn.run import instantiate_group
 
     for decay, expected in ((None, 0), (0.99, 1)):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

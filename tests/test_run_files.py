@@ -118,7 +118,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_results_json_is_never_left_half_written(tmp_path, monkeypatch):
-    import train
+    from vision_attn import run as train
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[f"hydra.runtime.output_dir={tmp_path}"], return_hydra_config=True)
