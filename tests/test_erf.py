@@ -28,7 +28,7 @@ def test_square_side_on_a_hand_built_map():
     sides, share = square_sides(m, (5, 5))
     assert sides.tolist() == [2, 4, 6, 8, 10]
     np.testing.assert_allclose(share, [0.4, 0.8, 0.8, 0.8, 1.0])
-    assert [square_side(m, (5, 5), f) for f in (0.2, 0.4, 0.5, 0.8, 0.81, 0.99, 1.0)] == [2, 2, 4, 4, 10, 10, 10]
+    assert [square_side(m, f) for f in (0.2, 0.4, 0.5, 0.8, 0.81, 0.99, 1.0)] == [2, 2, 4, 4, 10, 10, 10]
     assert support_box(m) == (0, 3, 6, 10)
 
 
@@ -37,25 +37,25 @@ def test_square_side_off_centre_and_on_a_pixel_centre():
     m = np.zeros((5, 5))
     m[2, 2] = m[0, 0] = 1.0
     assert square_sides(m, (2.5, 2.5))[0].tolist() == [1, 3, 5]
-    assert [square_side(m, (2.5, 2.5), f) for f in (0.5, 0.51)] == [1, 5]
+    assert [square_side(m, f) for f in (0.5, 0.51)] == [1, 5]
     # Off the middle: centre (1, 1) on a 6 x 6 map; mass at pixel (5, 5) needs rows [1 - 5, 1 + 5): side 10.
     m = np.zeros((6, 6))
     m[0, 0] = m[5, 5] = 1.0
-    assert square_side(m, (1, 1), 0.5) == 2 and square_side(m, (1, 1), 0.99) == 10
+    assert square_side(m, 0.5, (1, 1)) == 2 and square_side(m, 0.99, (1, 1)) == 10
 
 
 def test_square_side_rejects_bad_input():
     with pytest.raises(ValueError, match="all zero"):
-        square_side(np.zeros((4, 4)), (2, 2), 0.5)
+        square_side(np.zeros((4, 4)), 0.5)
     with pytest.raises(ValueError, match="fraction"):
-        square_side(np.ones((4, 4)), (2, 2), 0.0)
+        square_side(np.ones((4, 4)), 0.0)
     with pytest.raises(ValueError, match="half-integers"):
-        square_side(np.ones((4, 4)), (2, 1.5), 0.5)
+        square_side(np.ones((4, 5)), 0.5)  # centre (2, 2.5): a square's edges cannot fall on pixel edges
 
 
 def test_stage_map_centre():
-    s = StageMap(7, 14, 32)  # 224 px at stride 32: token (3, 7), footprint rows 96..127, cols 224..255
-    assert s.centre_token == (3, 7) and s.centre_px == (112.0, 240.0)
+    s = StageMap(7, 14, 32)  # 224 x 448 px at stride 32: token (3, 7), footprint rows 96..127, cols 224..255
+    assert s.centre_token == (3, 7) and s.footprint() == (96, 224, 128, 256)
 
 
 # ----------------------------------------------------------------------------- exact supports
@@ -151,3 +151,126 @@ def test_window_then_shifted_window_support_is_the_union_of_windows(query, rows,
     groups = [range(0, 2), range(2, 6), range(6, 10), range(10, 12)]
     g = [next(r for r in groups if i in r) for i in query]
     assert (alone == box(12, 12, *g)).all()
+
+
+# ----------------------------------------------------------------------------- tiny models, pixels
+
+
+def pixel_support(variant: str, img: int, stage: int = 0, **overrides) -> np.ndarray:
+    """Non-zero pixels of one stage's centre-token gradient in a pico model (1 photo)."""
+    from vision_attn.bench.erf import init_model, photo_batch
+    from vision_attn.erf import erf_masses
+
+    model = init_model(variant, "pico", img, seed=0, **overrides)
+    return erf_masses(model, photo_batch(1, img))[stage].numpy() != 0
+
+
+def pixels(img: int, rows: list[int], cols: list[int], patch: int = 4) -> np.ndarray:
+    """Tokens ``rows x cols`` of a stride-``patch`` map as a pixel mask."""
+    out = np.zeros((img // patch, img // patch), dtype=bool)
+    out[np.ix_(rows, cols)] = True
+    return out.repeat(patch, 0).repeat(patch, 1)
+
+
+def test_tiny_model_pixel_supports():
+    # pico at 48 px: stage 1 is a 12 x 12 map of 4 px patches (non-overlapping), centre token 6, window 4.
+    win = list(range(4, 8))  # window [4, 8): pixels 16..31, centred on the image
+    assert (pixel_support("swin_window", 48) == pixels(48, win, win)).all()
+    # window then shifted window: token 6's shifted group {6..9} -> windows [4, 8) u [8, 12): pixels 16..47.
+    pair = list(range(4, 12))
+    assert (pixel_support("swin", 48) == pixels(48, pair, pair)).all()
+    # two neighborhood blocks, kernel 5: 6 +- 2 +- 2 -> tokens 2..10 (pixels 8..43).
+    nat = list(range(2, 11))
+    assert (pixel_support("swin_local", 48) == pixels(48, nat, nat)).all()
+    # one dilated block (k 5, d 2): token 6 = group 0, j = 3, start = clamp(1, 0, 1) = 1 -> j 1..5 ->
+    # tokens 2, 4, 6, 8, 10: a lattice of 4 px patches. (swin_dilated's stage-1 stem is a plain patch embed.)
+    lat = [2, 4, 6, 8, 10]
+    one = dict(block_pattern=["dilated"], depths=[1, 1, 1, 1], dilations=[[2], [1], [1], [1]])
+    assert (pixel_support("swin_dilated", 48, **one) == pixels(48, lat, lat)).all()
+    assert pixel_support("swin_global", 48).all()
+
+
+def test_bench_values_on_pico(tmp_path):
+    from vision_attn.bench import erf as bench
+
+    args = ["--variants", "swin_window", "swin", "swin_global", "--sizes", "48", "--images", "2",
+            "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    specs = [bench.ModelSpec(v, "pico") for v in ("swin_window", "swin", "swin_global")]
+    rows = {(r.variant, r.stage): r for r in bench.run(specs, [48], 2, 1, 0, log=False)}
+    win = rows[("swin_window", 1)]
+    assert win.reach == "window 4 (16 px)" and win.grid == bench.StageMap(12, 12, 4)
+    assert win.support == (16, 16, 32, 32) and win.support_px == "16x16"
+    # The window is centred on the image: every square side is within the theoretical 16 px reach.
+    assert 4 <= win.sides[0.2] <= win.sides[0.5] <= win.sides[0.99] <= 16
+    assert rows[("swin", 1)].support == (16, 16, 48, 48)  # the shifted block widens it to 32 px
+    assert rows[("swin", 1)].sides[0.99] > 16
+    glob = rows[("swin_global", 1)]
+    assert glob.support_px == "whole image" and glob.sides[0.99] > win.sides[0.99]
+    text = (tmp_path / "erf.md").read_text()
+    assert "avx512 flags:" in text and "| swin_window | init | 1 | 12x12 /4 | window 4 (16 px) | 16x16 |" in text
+    assert (tmp_path / "erf_48.png").stat().st_size > 10_000
+
+
+def lightning_checkpoint(path, scale: float) -> None:
+    """A train.py-style checkpoint (Lightning's own writer) of swin_window pico, its stage-1
+    attention output projections scaled by ``scale`` (so its ERF differs from the initialisation's)."""
+    import lightning as L
+
+    from vision_attn.module import ClassificationModule
+
+    torch.manual_seed(1)
+    module = ClassificationModule(model=dict(variant="swin_window", size="pico"), num_classes=3, img_size=48,
+                                  optim=dict(opt="adamw", lr=1e-3, weight_decay=0.05))
+    with torch.no_grad():
+        for blk in module.model.layers[0].blocks:
+            blk.attn.proj.weight.mul_(scale)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu",
+                        devices=1)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+
+
+def test_bench_from_a_lightning_checkpoint(tmp_path):
+    from vision_attn.bench import erf as bench
+
+    ckpt = tmp_path / "last.ckpt"
+    lightning_checkpoint(ckpt, scale=50.0)
+    init, trained = bench.checkpoint_specs(str(ckpt), None, "nano")  # variant and size come from the file
+    assert (init.variant, init.size, init.num_classes, init.ckpt) == ("swin_window", "pico", 3, None)
+    assert trained.weights == "ckpt last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    model = trained.build(48, seed=0)
+    torch.testing.assert_close(model.layers[0].blocks[0].attn.proj.weight, state["model.layers.0.blocks.0.attn.proj.weight"])
+    rows = bench.run([init, trained], [48], 1, 1, 0, log=False)
+    a, b = rows[0], rows[4]  # stage 1 of each
+    assert (a.weights, b.weights) == ("init", "ckpt last.ckpt")
+    assert a.support == b.support == (16, 16, 32, 32)  # the pattern is the architecture's
+    assert b.sides[0.5] > a.sides[0.5]  # stronger attention spreads the mass over the window
+    assert bench.main(["--ckpt", str(ckpt), "--sizes", "48", "--images", "1", "--out", str(tmp_path)]) == 0
+    assert "| swin_window | ckpt last.ckpt | 1 |" in (tmp_path / "erf.md").read_text()
+
+
+def test_bench_flag_errors(tmp_path):
+    from vision_attn.bench import erf as bench
+    from vision_attn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown variant"):
+        bench.main(["--variants", "swin_nope"])
+    with pytest.raises(ConfigError, match="no such file"):
+        bench.main(["--ckpt", str(tmp_path / "missing.ckpt")])
+    with pytest.raises(ConfigError, match="at least 32"):
+        bench.main(["--sizes", "16"])
+    with pytest.raises(ConfigError, match="--images"):
+        bench.main(["--images", "0"])
+    plain = tmp_path / "weights.pth"
+    torch.save(bench.init_model("swin", "pico", 48, seed=0).state_dict(), plain)
+    with pytest.raises(ConfigError, match="exactly one --variants"):
+        bench.main(["--ckpt", str(plain)])
+    ckpt = tmp_path / "last.ckpt"
+    lightning_checkpoint(ckpt, scale=1.0)
+    with pytest.raises(ConfigError, match="holds a 'swin_window' model"):
+        bench.main(["--ckpt", str(ckpt), "--variants", "swin"])
+    init, loaded = bench.checkpoint_specs(str(plain), ["swin"], "pico")  # a plain state dict: named variant
+    assert loaded.build(48, seed=1).layers[0].blocks[0].attn.qkv.weight.equal(
+        init.build(48, seed=0).layers[0].blocks[0].attn.qkv.weight)

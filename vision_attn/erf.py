@@ -3,8 +3,8 @@
 For each stage, the output feature at the centre token of the stage's map, summed over channels,
 is differentiated with respect to the input pixels; the gradient's absolute value, summed over
 colour channels and averaged over images, is the stage's *mass map*. Its spread is summarised
-by :func:`square_side`: the side of the smallest square centred on the centre token's footprint
-that holds a given share of the mass.
+by :func:`square_side`: the side of the smallest square centred on the image's centre (as
+RepLKNet's ``get_rectangle``) that holds a given share of the mass.
 """
 from __future__ import annotations
 
@@ -29,12 +29,10 @@ class StageMap:
         """``(row, col)`` of the token whose gradient is taken: ``(h // 2, w // 2)``."""
         return self.height // 2, self.width // 2
 
-    @property
-    def centre_px(self) -> tuple[float, float]:
-        """Centre of that token's ``stride x stride`` footprint, in continuous pixel coordinates
-        (pixel ``i`` spans ``[i, i + 1)``)."""
+    def footprint(self) -> tuple[int, int, int, int]:
+        """Pixels ``(top, left, bottom, right)`` (exclusive ends) the centre token's patch covers."""
         r, c = self.centre_token
-        return r * self.stride + self.stride / 2, c * self.stride + self.stride / 2
+        return r * self.stride, c * self.stride, (r + 1) * self.stride, (c + 1) * self.stride
 
 
 def stage_maps(model: nn.Module, img_size: tuple[int, int]) -> list[StageMap]:
@@ -107,16 +105,22 @@ def square_sides(mass: np.ndarray | torch.Tensor, centre: tuple[float, float]) -
     return sides, inside / total
 
 
-def square_side(mass: np.ndarray | torch.Tensor, centre: tuple[float, float], fraction: float) -> int:
-    """Side (pixels) of the smallest square centred on ``centre`` holding at least ``fraction`` of the mass.
+def image_centre(mass: np.ndarray | torch.Tensor) -> tuple[float, float]:
+    """The middle of an ``(H, W)`` map in continuous pixel coordinates (pixel ``i`` spans ``[i, i + 1)``)."""
+    H, W = np.shape(mass)
+    return H / 2, W / 2
 
-    The square is clipped to the map; where the centre is off the map's middle, the square that
-    holds everything can be up to twice the centre's distance to the farthest edge, i.e. a little
-    larger than the map.
+
+def square_side(mass: np.ndarray | torch.Tensor, fraction: float, centre: tuple[float, float] | None = None) -> int:
+    """Side (pixels) of the smallest square centred on ``centre`` (default: the map's middle) holding
+    at least ``fraction`` of the mass.
+
+    The square is clipped to the map; around a centre off the map's middle, the square that holds
+    everything is up to twice the centre's distance to the farthest edge, larger than the map.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    sides, share = square_sides(mass, centre)
+    sides, share = square_sides(mass, image_centre(mass) if centre is None else centre)
     return int(sides[np.argmax(share >= fraction * (1 - 1e-12))])
 
 
