@@ -272,7 +272,7 @@ def plot(rows: Sequence[StageERF], path: Path, decades: float = 6.0) -> None:
             fig.colorbar(im, ax=axes[:, j].tolist(), location="bottom", shrink=0.9, label="log10 share per pixel")
     fig.suptitle(f"ERF at {rows[0].img} px: |d centre feature / d pixel|, 50 % (white) and 99 % (cyan) squares",
                  fontsize=9)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
