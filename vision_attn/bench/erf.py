@@ -257,7 +257,8 @@ def plot(rows: Sequence[StageERF], path: Path, decades: float = 6.0) -> None:
     axes = fig.subplots(len(models), len(stages), squeeze=False)
     for (i, (variant, weights)), (j, s) in ((a, b) for a in enumerate(models) for b in enumerate(stages)):
         ax, r = axes[i, j], by.get((variant, weights, s))
-        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_xticks([])
+        ax.set_yticks([])
         if r is None:
             continue
         im = ax.imshow(logs[(variant, weights, s)], cmap="magma", vmin=tops[s] - decades, vmax=tops[s])
@@ -295,7 +296,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def check(args: argparse.Namespace) -> None:
-    """Raise :class:`ConfigError` for a flag that cannot work."""
+    """Raise :class:`ConfigError` for a flag that cannot work (``--ckpt``: :func:`checkpoint_specs`)."""
     unknown = sorted(set(args.variants or []) - set(VARIANTS))
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown} (--variants); choose from {sorted(VARIANTS)}")
@@ -306,8 +307,6 @@ def check(args: argparse.Namespace) -> None:
     for flag in ("images", "batch"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.ckpt is not None and not os.path.isfile(args.ckpt):
-        raise ConfigError(f"--ckpt {args.ckpt}: no such file")
 
 
 def model_specs(args: argparse.Namespace) -> list[ModelSpec]:
