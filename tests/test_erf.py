@@ -251,6 +251,14 @@ def test_bench_from_a_lightning_checkpoint(tmp_path):
     assert "| swin_window | ckpt last.ckpt | 1 |" in (tmp_path / "erf.md").read_text()
 
 
+def test_bench_entry_point_lists_erf(capsys):
+    from vision_attn.bench.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["erf", "--help"])
+    assert "effective receptive field" in capsys.readouterr().out
+
+
 def test_bench_flag_errors(tmp_path):
     from vision_attn.bench import erf as bench
     from vision_attn.errors import ConfigError
