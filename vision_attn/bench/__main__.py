@@ -9,6 +9,7 @@ BENCHES = {
     "attention": "vision_attn.bench.attention",
     "model": "vision_attn.bench.model",
     "data": "vision_attn.bench.data",
+    "erf": "vision_attn.bench.erf",
     "knobs": "vision_attn.bench.knobs",
     "gpu": "vision_attn.bench.gpu",
     "resolution": "vision_attn.bench.resolution",
