@@ -22,14 +22,13 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
-
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
+from omegaconf import DictConfig, OmegaConf
 
 from vision_attn.errors import ConfigError, TrainingDiverged, config_error_in
-from vision_attn.files import atomic_write_json
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, SigtermGuard, Terminated, resolve_ckpt_path
+from vision_attn.files import atomic_write_json
 from vision_attn.loggers import read_run_id, write_run_id
 
 log = logging.getLogger("train")

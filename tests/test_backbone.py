@@ -6,17 +6,14 @@ import re
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
+from test_config import cfg_with
 from timm.models.swin_transformer import SwinTransformer
 
 import vision_attn as va
 from vision_attn.errors import ConfigError
 from vision_attn.summary import summarize
 from vision_attn.timm_models import NAMES, timm_name
-
-from test_config import cfg_with
-
 
 
 def tiny_timm_swin(img: int | tuple[int, int] = 64, window: int | tuple[int, int] = 4, classes: int = 7

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import ROOT
 from data.decode import CorruptImageError, ImageTooLargeError
 from data.fakes import IMAGENETTE_WNIDS, make_class_tree, make_imagefolder, nearest_photo, photo, save, write_truncated
 from data.modules import ImageFolderDataModule, ImageNetDataModule

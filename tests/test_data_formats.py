@@ -8,15 +8,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import calculate_md5
 
-from conftest import ROOT
 from data.decode import CorruptImageError
 from data.fakes import (
-    IMAGENETTE_WNIDS,
     make_cifar,
     make_fastai,
     make_flowers102,

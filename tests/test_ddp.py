@@ -5,7 +5,6 @@ import glob
 
 import pytest
 import torch
-
 from conftest import run_train
 from test_fault import final_metrics
 

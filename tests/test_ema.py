@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from fault_helpers import Crash, CrashAtStep
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.datamodule import ShapesDataModule
-from fault_helpers import Crash, CrashAtStep
 from vision_attn.callbacks import EMA, ema
 from vision_attn.errors import ConfigError
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance
@@ -122,9 +122,9 @@ def test_ema_decay_key():
 
 
 def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from train import instantiate_group
 
     for decay, expected in ((None, 0), (0.99, 1)):

@@ -10,9 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 from conftest import ROOT
+from packaging.requirements import Requirement
 
 FIX = "run `make venv` to install exactly the lock, or `make lock` after changing requirements.txt"
 IGNORED = {"pip"}  # the lock leaves pip out (pip freeze --all | grep -v pip)

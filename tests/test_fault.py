@@ -17,18 +17,22 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from conftest import ROOT, run_train
 from fault_helpers import Crash, CrashAtStep, SigtermAt
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from test_train import TINY
+
 from data.datamodule import ShapesDataModule
 from data.resumable import ResumableDataLoader, ResumableSampler, resumable_train_loader
-from test_train import TINY
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from vision_attn.errors import ConfigError, TrainingDiverged
-from vision_attn.fault import (AtomicCheckpointIO, FaultTolerance, atomic_torch_save, collect_rng_states,
-                               resolve_ckpt_path)
 from vision_attn.callbacks import ImageLogger
+from vision_attn.errors import ConfigError, TrainingDiverged
+from vision_attn.fault import (
+    AtomicCheckpointIO,
+    FaultTolerance,
+    atomic_torch_save,
+    resolve_ckpt_path,
+)
 from vision_attn.module import ClassificationModule
 
 OPTIM = dict(opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5)

@@ -8,13 +8,12 @@ from unittest import mock
 
 import pytest
 import torch
+from reference import neighborhood_reference, random_bias, random_qkv
 
 import vision_attn.attention.neighborhood as nb
 from vision_attn import create_model
 from vision_attn.attention import backends, fused
 from vision_attn.errors import ConfigError
-
-from reference import neighborhood_reference, random_bias, random_qkv
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C++ compiler: the fused kernel cannot build")
 

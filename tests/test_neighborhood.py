@@ -9,14 +9,13 @@ import types
 
 import pytest
 import torch
+from reference import neighborhood_reference, random_bias, random_qkv
 
 import vision_attn.attention.neighborhood as nb
 import vision_attn.attention.tiled as tiled
 from vision_attn.attention import AttnSpec, backends, create_attention, neighborhood_attention
-from vision_attn.errors import ConfigError
 from vision_attn.attention.rel_pos import bias_grid
-
-from reference import random_bias, random_qkv, neighborhood_reference
+from vision_attn.errors import ConfigError
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

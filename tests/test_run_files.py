@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from conftest import ROOT
 from vision_attn import callbacks, loggers
 from vision_attn.files import atomic_write, atomic_write_json
 from vision_attn.loggers import read_run_id, write_run_id

@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnSpec, create_attention

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import tensor_cache, tracing
 from .base import QKVAttention
+from .cache import tensor_cache, tracing
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, clipped_pair_index, new_bias_table
 

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import tensor_cache
 from .base import QKVAttention
+from .cache import tensor_cache
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 

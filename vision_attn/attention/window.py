@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 
-from .cache import tensor_cache
 from . import backends
 from .base import QKVAttention
+from .cache import tensor_cache
 from .registry import AttnSpec, register_attention
 from .rel_pos import Size, bias_grid, new_bias_table, window_bias
 

@@ -39,15 +39,23 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-
 import torch.nn.functional as F
 
-from vision_attn.attention import backends, global_attention, grid_attention, neighborhood_attention, window_attention
-from vision_attn.attention import global_token_attention, lsh_attention, routed_attention, spatial_reduction_attention
-from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
-from vision_attn.attention.window import window_attention_lse
+from vision_attn.attention import (
+    backends,
+    global_attention,
+    global_token_attention,
+    grid_attention,
+    lsh_attention,
+    neighborhood_attention,
+    routed_attention,
+    spatial_reduction_attention,
+    window_attention,
+)
 from vision_attn.attention import neighborhood as nb
+from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
+from vision_attn.attention.window import window_attention_lse
 from vision_attn.bench.common import interleaved, machine, markdown_table, save_loglog_figure
 from vision_attn.memory import proc_status_kib, reset_cpu_peak
 

@@ -661,7 +661,8 @@ def attention_time(device: torch.device, size: int, batch: Optional[int] = None,
     """Neighborhood vs window forward + backward (``bench attention``'s kernels and shapes, bias
     included) at ``size``², bf16 autocast, interleaved; median ms and the ratio."""
     from vision_attn.attention.rel_pos import bias_grid
-    from vision_attn.bench.attention import HEAD_DIM, HEADS as B_HEADS, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEAD_DIM, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEADS as B_HEADS
 
     batch = batch or max(1, TOKENS_PER_BATCH // size**2)
     torch.manual_seed(0)
@@ -793,7 +794,8 @@ DILATIONS = (2, 3, 4, 5, 6, 7, 8)
 def dilated_vs_neighborhood(ctx: Ctx) -> str:
     """Row: dilated (d = 2..8) / neighborhood attention fwd+bwd with bias, 56², ~1M tokens, auto routes."""
     from vision_attn.attention.rel_pos import bias_grid
-    from vision_attn.bench.attention import HEAD_DIM, HEADS as B_HEADS, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEAD_DIM, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEADS as B_HEADS
 
     size = 14 if ctx.quick else 56
     batch = 1 if ctx.quick else max(1, TOKENS_PER_BATCH // size**2)
