@@ -69,7 +69,8 @@ def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[flo
     run_dir = HydraConfig.get().runtime.output_dir
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), bool(cfg.get("resume", False)), run_dir)
     resuming = ckpt_path not in (None, "best", "hpc")
-    wandb_id = read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path))) if resuming else None
+    wandb_id = (read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path)))
+                if resuming else None)
     datamodule = instantiate(cfg.data)
     num_classes = dataset_num_classes(cfg, datamodule)
     module = instantiate(cfg.module, num_classes=num_classes)
@@ -88,7 +89,8 @@ def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[flo
     if cfg.test_after_fit:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         with guard.during("test"):
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                                   weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
     if trainer.is_global_zero:
@@ -114,7 +116,8 @@ def log_sigterm_in_fit(trainer: L.Trainer, callbacks: list[Any], run_dir: str) -
     """One line: where a SIGTERM in fit left the checkpoint, and the command that resumes."""
     saved = [cb.sigterm_checkpoint for cb in callbacks if isinstance(cb, FaultTolerance) and cb.sigterm_checkpoint]
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    where = f"saved {saved[0]}" if saved else (f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
+    where = f"saved {saved[0]}" if saved else (
+        f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
     log.warning(f"SIGTERM: stopped at step {trainer.global_step}, {where}; "
                 f"resume with: python train.py hydra.run.dir={run_dir} resume=true")
 
@@ -155,10 +158,12 @@ def dataset_num_classes(cfg: DictConfig, datamodule: Any) -> int:
         datamodule.setup("fit")
         num_classes = getattr(datamodule, "num_classes", None)
     if num_classes is None:
-        raise ConfigError(f"data.num_classes is null and {type(datamodule).__name__} does not count its classes: set it")
+        raise ConfigError(f"data.num_classes is null and {type(datamodule).__name__} "
+                          "does not count its classes: set it")
     given = cfg.module.get("num_classes")
     if given is not None and given != num_classes:
-        raise ConfigError(f"module.num_classes={given} but the data has {num_classes} classes; leave it ${{data.num_classes}}")
+        raise ConfigError(f"module.num_classes={given} but the data has {num_classes} classes; "
+                          "leave it ${data.num_classes}")
     return int(num_classes)
 
 

@@ -363,7 +363,7 @@ def test_requeued_job_started_from_a_ckpt_path_continues_from_its_own_progress(t
 
 
 def test_resume_takes_an_hpc_checkpoint_newer_than_last_and_skips_a_corrupt_newest(tmp_path, caplog):
-    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt", 8, age_s=120)
+    _ckpt(tmp_path / "checkpoints" / "last.ckpt", 8, age_s=120)  # older than the hpc checkpoint
     hpc = _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 10, age_s=60)
     assert resolve_ckpt_path(None, True, str(tmp_path), env={}) == hpc
     corrupt = tmp_path / "hpc_ckpt_2.ckpt"

@@ -132,7 +132,9 @@ class SpatialReductionAttention(QKVAttention):
         if g is not None:
             return self.forward_global(x, g)
         q, k, v = self.map_qkv(x)
-        return self.out_proj(spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p))
+        return self.out_proj(
+            spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p)
+        )
 
     @torch.no_grad()
     def attention_maps(
