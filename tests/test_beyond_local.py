@@ -282,8 +282,10 @@ def test_pattern_picture_shows_each_kind_exact_receptive_field() -> None:
     H = W = 12
     maps = kind_patterns(16, 2, H, W, AttnSpec(window_size=4, kernel_size=5))
     points = query_points(H, W)
-    for kind, (ay, ax) in {"neighborhood": (neighborhood_axis_reference(H, 5, 1), neighborhood_axis_reference(W, 5, 1)),
-                           "dilated": (neighborhood_axis_reference(H, 5, 2), neighborhood_axis_reference(W, 5, 2))}.items():
+    for kind, (ay, ax) in {
+        "neighborhood": (neighborhood_axis_reference(H, 5, 1), neighborhood_axis_reference(W, 5, 1)),
+        "dilated": (neighborhood_axis_reference(H, 5, 2), neighborhood_axis_reference(W, 5, 2)),
+    }.items():
         for p, (qy, qx) in enumerate(points):
             expected = torch.tensor(ay[0][qy])[:, None] & torch.tensor(ax[0][qx])[None, :]
             assert torch.equal(maps[kind][p] > 0, expected), (kind, qy, qx)
