@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(ENV_FILES) | cksum | cut -d' ' -f1)
 PIP := -m pip --disable-pip-version-check
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv lock train test test-slow bench gpu-check gpu-perf clean
+.PHONY: venv lock train lint test test-slow bench gpu-check gpu-perf clean
 
 venv: $(STAMP)  ## create .venv and install exactly requirements.lock (idempotent)
 
@@ -31,6 +31,9 @@ lock:  ## re-resolve requirements.txt in a fresh venv and write every installed 
 
 train: venv  ## the default training run (Swin pico on the embedded shapes dataset); ARGS="model=swin_local ..."
 	$(PY) train.py $(ARGS)
+
+lint: venv  ## ruff: pycodestyle, pyflakes and import order (settings in pyproject.toml)
+	$(PY) -m ruff check .
 
 test: venv  ## the fast test suite
 	$(PY) -m pytest -q $(ARGS)

@@ -61,7 +61,9 @@ class Archive:
 
     @property
     def name(self) -> str:
-        return self.filename or PurePosixPath(urllib.parse.urlparse(self.url).path if "://" in self.url else self.url).name
+        return self.filename or PurePosixPath(
+            urllib.parse.urlparse(self.url).path if "://" in self.url else self.url
+        ).name
 
     @property
     def verified(self) -> bool:
@@ -82,7 +84,8 @@ def fetch_archive(archive: Archive, root: Path) -> None:
             return
         _check_renames(root, archive)
         if not archive.verified:
-            log.warning(f"{archive.url}: no checksum known, the archive is not verified (set data.md5= or data.sha256= to check it)")
+            log.warning(f"{archive.url}: no checksum known, the archive is not verified "
+                        "(set data.md5= or data.sha256= to check it)")
         if local is None:
             path = root / archive.name
             if not (path.is_file() and archive.verified and _matches(path, archive)):
@@ -90,7 +93,8 @@ def fetch_archive(archive: Archive, root: Path) -> None:
         else:
             path = local
             if not path.is_file():
-                raise ConfigError(f"data.url={archive.url}: no such archive file; pass an https URL or an existing .tgz path")
+                raise ConfigError(f"data.url={archive.url}: no such archive file; "
+                                  "pass an https URL or an existing .tgz path")
             check_digests(path, archive, _digests(path, archive))
         extract(path, root, archive.rename, ours=local is None)
         if local is None:
@@ -105,7 +109,8 @@ def _check_renames(root: Path, archive: Archive) -> None:
     for _, new in archive.rename:
         if os.path.lexists(root / new) and new not in ours:
             raise ConfigError(
-                f"{root / new} exists but {marker_path(root, archive.name)} (the marker of a finished extraction) does not: "
+                f"{root / new} exists but {marker_path(root, archive.name)} "
+                "(the marker of a finished extraction) does not: "
                 "if it is complete set data.download=false to use it as is, else delete it to download it again"
             )
 
@@ -183,11 +188,13 @@ def download(url: str, dest: Path, md5: Optional[str] = None, sha256: Optional[s
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         part.unlink(missing_ok=True)
         raise ConfigError(
-            f"downloading {url} failed ({e}); download it into {dest} yourself, or pass a local copy with data.url=/path/to/archive"
+            f"downloading {url} failed ({e}); download it into {dest} yourself, "
+            "or pass a local copy with data.url=/path/to/archive"
         ) from e
     if expected is not None and size != int(expected):
         part.unlink()
-        raise ConfigError(f"downloading {url}: got {size} of {expected} bytes (connection cut); run again to download it again")
+        raise ConfigError(f"downloading {url}: got {size} of {expected} bytes (connection cut); "
+                          "run again to download it again")
     try:
         check_digests(dest, spec, {k: h.hexdigest() for k, h in hashes.items()})
     except ConfigError:
@@ -296,7 +303,8 @@ def extract(archive: Path, root: Path, rename: Sequence[tuple[str, str]] = (), o
         how = "it was deleted: run again to download it again" if ours else "replace it with a complete copy"
         raise ConfigError(f"{archive}: broken or truncated archive ({type(e).__name__}: {e}); {how}") from e
     except OSError as e:
-        raise ConfigError(f"extracting {archive} into {root} failed ({e}); free space or fix permissions and run again") from e
+        raise ConfigError(f"extracting {archive} into {root} failed ({e}); "
+                          "free space or fix permissions and run again") from e
     for old, new in rename:
         os.rename(root / old, root / new)
     marker_path(root, archive.name).write_text(json.dumps(sorted(set(finals))))
@@ -318,7 +326,8 @@ def _remove_unfinished(root: Path, name: str) -> None:
     record = record_path(root, name)
     if record.is_file():
         entries = json.loads(record.read_text() or "[]")
-        log.warning(f"{root}: removing {entries}, left by an unfinished extraction of {name}, before extracting it again")
+        log.warning(f"{root}: removing {entries}, left by an unfinished extraction of {name}, "
+                    "before extracting it again")
         for entry in entries:
             path = root / entry
             if len(PurePosixPath(entry).parts) != 1 or entry in (".", ".."):

@@ -20,7 +20,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "colorwheel")
 IMAGENETTE_WNIDS = (
     "n01440764", "n02102040", "n02979186", "n03000684", "n03028079",
     "n03394916", "n03417042", "n03425413", "n03445777", "n03888257",
@@ -157,7 +158,8 @@ def make_fastai(
     return base
 
 
-def make_food101(root: PathLike, classes=("apple_pie", "baby_back_ribs", "sushi"), train: int = 3, test: int = 2, size=(96, 72)) -> Path:
+def make_food101(root: PathLike, classes=("apple_pie", "baby_back_ribs", "sushi"), train: int = 3, test: int = 2,
+                 size=(96, 72)) -> Path:
     """torchvision Food101: ``root/food-101/images/<class>/<id>.jpg`` + ``meta/{train,test}.json``."""
     base = Path(root) / "food-101"
     meta: dict[str, dict[str, list[str]]] = {"train": {}, "test": {}}
@@ -194,7 +196,8 @@ def make_flowers102(root: PathLike, classes: int = 3, per_split: int = 2, size=(
     return base
 
 
-def make_inat2021(root: PathLike, classes: int = 3, train: int = 3, val: int = 2, mini: bool = False, size=(96, 72)) -> Path:
+def make_inat2021(root: PathLike, classes: int = 3, train: int = 3, val: int = 2, mini: bool = False,
+                  size=(96, 72)) -> Path:
     """torchvision INaturalist 2021: ``root/2021_train[_mini]/<00000_Kingdom_..._Genus_species>/*.jpg``
     and ``root/2021_valid/``."""
     root = Path(root)
@@ -236,7 +239,8 @@ def make_cifar(root: PathLike, cifar100: bool = False, train: int = 20, test: in
     return base
 
 
-def make_large_jpegs(folder: PathLike, count: int = 64, size=(2000, 1500), noise: float = 0.0, classes: int = 4) -> list[Path]:
+def make_large_jpegs(folder: PathLike, count: int = 64, size=(2000, 1500), noise: float = 0.0,
+                     classes: int = 4) -> list[Path]:
     """``count`` large JPEGs (upscaled photos, optional grain) as ``folder/<class>/<i>.jpg``."""
     paths = []
     for i in range(count):
@@ -263,8 +267,11 @@ def _thumbnail(img: Image.Image, crop_pct: float) -> np.ndarray:
 def nearest_photo(image: np.ndarray, classes: int, size: tuple[int, int] = (96, 72), crop_pct: float = 0.875) -> int:
     """The class ``k < classes`` whose fake images (photo k at ``size``, either orientation) look
     most like ``image``, an eval-transformed uint8 ``(3, H, W)`` array: checks labels by content."""
-    thumb = np.asarray(Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((8, 8), Image.Resampling.BOX), np.float32)
+    thumb = np.asarray(
+        Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))).resize((8, 8), Image.Resampling.BOX), np.float32
+    )
     distance = [
-        min(np.abs(thumb - _thumbnail(photo(k, s), crop_pct)).mean() for s in (size, size[::-1])) for k in range(classes)
+        min(np.abs(thumb - _thumbnail(photo(k, s), crop_pct)).mean() for s in (size, size[::-1]))
+        for k in range(classes)
     ]
     return int(np.argmin(distance))

@@ -147,7 +147,8 @@ def scan_split(split_dir: Path, class_index: Optional[Mapping[str, int]] = None)
         files += walk.images
         labels += [index[name]] * len(walk.images)
     encoded = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)  # any file name, 1 byte per char
-    return FolderSplit(split_dir, classes, encoded, np.array(labels, dtype=np.int64), counts, ignored, loops, unreadable)
+    return FolderSplit(split_dir, classes, encoded, np.array(labels, dtype=np.int64), counts, ignored, loops,
+                       unreadable)
 
 
 def check_splits(splits: Mapping[str, FolderSplit]) -> None:

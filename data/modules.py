@@ -86,7 +86,8 @@ class ImageDataModule(BaseDataModule):
     ) -> None:
         super().__init__(image_size, batch_size, num_workers, augment)
         if root is None or str(root) in ("", "???"):
-            how = " (add data.download=true to fetch it there)" if type(self).download_data is not ImageDataModule.download_data else ""
+            downloads = type(self).download_data is not ImageDataModule.download_data
+            how = " (add data.download=true to fetch it there)" if downloads else ""
             raise ConfigError(f"data.root is not set: pass data.root=/path/to/the/dataset{how}")
         self.root = Path(os.path.expanduser(str(root)))
         self.download, self.skip_corrupt = bool(download), bool(skip_corrupt)
@@ -255,7 +256,8 @@ class SkippedImagesLogger(L.Callback):
         count = skipped[split]
         module.log(self.NAMES[split], float(count), on_step=False, on_epoch=True, reduce_fx="sum", sync_dist=True)
         if count:
-            rank_zero_info(f"epoch {trainer.current_epoch}: skipped {count} unreadable {split} image(s); files named above")
+            rank_zero_info(f"epoch {trainer.current_epoch}: skipped {count} unreadable {split} image(s); "
+                           "files named above")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._reset(trainer, "train")
@@ -483,7 +485,8 @@ class Food101DataModule(ImageDataModule):
 
     def build(self, source: str, loader: Callable[[Any], Image.Image], transform: Callable) -> Built:
         how = f"delete {self.root / 'food-101'} and set data.download=true"
-        ds = _torchvision(lambda: tvd.Food101(str(self.root), split=source, loader=loader, transform=transform), self.root, how)
+        ds = _torchvision(lambda: tvd.Food101(str(self.root), split=source, loader=loader, transform=transform),
+                          self.root, how)
         return ds, list(ds.classes)
 
 
@@ -545,7 +548,8 @@ class INat2021DataModule(ImageDataModule):
         """The archive of ``version`` (e.g. ``2021_valid``: val.tar.gz, whose ``val/`` becomes ``2021_valid/``)."""
         url = tvd.inaturalist.DATASET_URLS[version]
         folder = url.rsplit("/", 1)[1].removesuffix(".tar.gz")
-        return Archive(url, md5=tvd.inaturalist.DATASET_MD5[version], filename=f"{version}.tgz", rename=((folder, version),))
+        return Archive(url, md5=tvd.inaturalist.DATASET_MD5[version], filename=f"{version}.tgz",
+                       rename=((folder, version),))
 
     def download_data(self) -> None:
         for version in (self.train_version, "2021_valid"):
@@ -555,7 +559,8 @@ class INat2021DataModule(ImageDataModule):
         how = f"check {self.root / source} (folders <00000>_<kingdom>_..._<genus>_<species>)"
         make = lambda: tvd.INaturalist(str(self.root), version=source, loader=loader, transform=transform)  # noqa: E731
         ds = _torchvision(make, self.root, how)
-        counts = torch.bincount(torch.tensor([c for c, _ in ds.index], dtype=torch.long), minlength=len(ds.all_categories))
+        counts = torch.bincount(torch.tensor([c for c, _ in ds.index], dtype=torch.long),
+                                minlength=len(ds.all_categories))
         empty = [str(self.root / source / ds.all_categories[i]) for i in torch.nonzero(counts == 0).flatten().tolist()]
         if empty:
             raise ConfigError(f"empty class folders: {', '.join(empty[:10])}; add images or remove the folders")

@@ -78,7 +78,8 @@ class GuardedOp:
         except MemoryError:
             raise
         except Exception as e:
-            drawn = f"magnitude {level.magnitude:.3g} (argument {level.args})" if level and level.magnitude is not None else "no magnitude"
+            drawn = (f"magnitude {level.magnitude:.3g} (argument {level.args})"
+                     if level and level.magnitude is not None else "no magnitude")
             raise AugmentationError(
                 f"RandAugment op {self.op.name} at {drawn} failed on a {img.mode} {img.size[0]}x{img.size[1]} image: "
                 f"{type(e).__name__}: {e}"

@@ -69,7 +69,8 @@ class ResizedRandomResizedCrop(RandomResizedCropAndInterpolation):
         i, j, h, w = self.get_params(torch.zeros(1).expand(sh, sw), self.scale, self.ratio)  # a size, no pixels
         fx, fy = width / sw, height / sh
         box = (j * fx, i * fy, (j + w) * fx, (i + h) * fy)
-        mode = random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list)) else self.interpolation
+        mode = (random.choice(self.interpolation) if isinstance(self.interpolation, (tuple, list))
+                else self.interpolation)
         return img.resize((self.size[1], self.size[0]), pil_modes_mapping[mode], box=box, reducing_gap=3.0)
 
     def __repr__(self) -> str:
@@ -96,7 +97,8 @@ def train_transform(
         mean=tuple(mean),
         use_prefetcher=True,  # uint8 tensor out, normalised on device
     )
-    crop = ResizedRandomResizedCrop(image_size, resize, scale=augment.scale, ratio=augment.ratio, interpolation=interpolation)
+    crop = ResizedRandomResizedCrop(image_size, resize, scale=augment.scale, ratio=augment.ratio,
+                                    interpolation=interpolation)
     assert isinstance(timm_train.transforms[0], RandomResizedCropAndInterpolation)
     return guard_randaugment(GuardedCompose([crop, *timm_train.transforms[1:]]))
 
@@ -117,7 +119,8 @@ class DeferredTransform:
         return f"{type(self).__name__}({self.transform!r})"
 
 
-def eval_transform(image_size: int, crop_pct: float, interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
+def eval_transform(image_size: int, crop_pct: float,
+                   interpolation: str = "bicubic") -> Callable[[Image.Image], torch.Tensor]:
     """Resize shorter side to ``floor(image_size / crop_pct)`` -> center crop -> uint8 tensor."""
     check_interpolation(interpolation)
     eval_resize_size(image_size, crop_pct)

@@ -20,7 +20,8 @@ def train_env(tmp_path: Path, env: dict | None = None) -> dict[str, str]:
     return clean
 
 
-def run_train(args: list[str], tmp_path: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_train(args: list[str], tmp_path: Path, env: dict | None = None,
+              timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``python train.py <args>`` in a subprocess with W&B forced offline-capable and no key."""
     return subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *args],

@@ -17,7 +17,8 @@ class KillAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            print(f"killing at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})", flush=True)
+            print(f"killing at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})",
+                  flush=True)
             os.kill(os.getpid(), self.sig)
 
 
@@ -30,7 +31,8 @@ class PauseAtStep(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
-            print(f"paused at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})", flush=True)
+            print(f"paused at step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})",
+                  flush=True)
             self.marker.touch()
             time.sleep(self.seconds)
 

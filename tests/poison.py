@@ -20,7 +20,8 @@ class PoisonAt(L.Callback):
             raise ValueError(f"what must be 'loss' or 'grad', got {what!r}")
         self.step, self.what = step, what
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         if self.what == "loss" and trainer.global_step == self.step:
             batch[0].fill_(float("nan"))
 

@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import global_reference, grid_reference, random_bias, random_qkv
 
 import vision_attn.attention as attention
 from vision_attn.attention import AttnSpec, create_attention, global_attention, grid_attention, neighborhood_attention
 from vision_attn.attention.rel_pos import bias_grid
-
-from reference import random_bias, random_qkv, global_reference, grid_reference
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 NEW_KINDS = ["neighborhood", "dilated", "grid", "global"]

@@ -6,17 +6,14 @@ import re
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
+from test_config import cfg_with
 from timm.models.swin_transformer import SwinTransformer
 
 import vision_attn as va
 from vision_attn.errors import ConfigError
 from vision_attn.summary import summarize
 from vision_attn.timm_models import NAMES, timm_name
-
-from test_config import cfg_with
-
 
 
 def tiny_timm_swin(img: int | tuple[int, int] = 64, window: int | tuple[int, int] = 4, classes: int = 7
@@ -233,7 +230,8 @@ def test_a_microsoft_layout_checkpoint_of_another_width_is_a_config_error_naming
     path = tmp_path / "swin_ms.pth"
     torch.save(microsoft_layout(tiny_timm_swin(64, 4, classes=7)), path)
     with pytest.raises(ConfigError) as info:
-        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **{**PICO_64, "embed_dim": 32})
+        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path),
+                        **{**PICO_64, "embed_dim": 32})
     message = str(info.value)
     assert message.startswith(f"model.pretrained={path}: the checkpoint does not fit this model: ")
     assert "with another shape: patch_embed.proj.weight 16x3x4x4 (model 32x3x4x4)" in message
@@ -281,7 +279,8 @@ def test_a_checkpoint_of_another_width_is_a_config_error_listing_shapes(tmp_path
     path = tmp_path / "narrow.pth"
     torch.save(va.create_model("swin", "pico", num_classes=7, img_size=64, **PICO_64).state_dict(), path)
     with pytest.raises(ConfigError) as info:
-        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path), **{**PICO_64, "embed_dim": 32})
+        va.create_model("swin", "pico", num_classes=7, img_size=64, pretrained=str(path),
+                        **{**PICO_64, "embed_dim": 32})
     message = str(info.value)
     assert f"model.pretrained={path}: the checkpoint does not fit this model: " in message
     assert "with another shape: patch_embed.proj.weight 16x3x4x4 (model 32x3x4x4)" in message
@@ -370,9 +369,11 @@ def test_pretrained_file_with_pickled_objects_is_refused_naming_it(tmp_path):
                       "6x6 tokens: window 4 (128 px) / shifted window 4 (128 px)"]),
         # swin_dilated cycles neighborhood (dilation ignored) and dilated blocks; 5 * 2 <= 24 fits.
         ("swin_dilated", dict(dilations=[[1, 2], [2], [1], [1]]),
-         ["48x48 tokens: kernel 5 (20 px) / kernel 5 d2 (36 px)", "24x24 tokens: kernel 5 (40 px) / kernel 5 d2 (72 px)",
+         ["48x48 tokens: kernel 5 (20 px) / kernel 5 d2 (36 px)",
+          "24x24 tokens: kernel 5 (40 px) / kernel 5 d2 (72 px)",
           "12x12 tokens: kernel 5 (80 px)", "6x6 tokens: kernel 5 (160 px)"]),
-        ("maxvit_like", dict(global_tokens=2), ["48x48 tokens: window 4 (16 px) / grid 4 (sparse, whole map) + 2 global tokens"]),
+        ("maxvit_like", dict(global_tokens=2),
+         ["48x48 tokens: window 4 (16 px) / grid 4 (sparse, whole map) + 2 global tokens"]),
         ("swin_global", {}, ["48x48 tokens: global"]),
         ("swin_sr", {}, ["48x48 tokens: global, keys pooled 8x8"]),
     ],

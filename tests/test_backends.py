@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from hydra.utils import instantiate
+from test_config import cfg_with
 
 from vision_attn import create_model
 from vision_attn.attention import backends
 from vision_attn.errors import ConfigError
 from vision_attn.variants import VARIANTS
-
-from test_config import cfg_with
 
 
 def test_every_route_is_registered_with_its_family() -> None:

@@ -85,7 +85,8 @@ def check_cpu_row(check: str, setting: str, result: str, figures: str) -> None:
         m = re.search(r"loss (\d+\.\d+) \(finite at all \d+ steps\), (\d+\.\d) img/s", figures)
         assert m and float(m.group(2)) > 0, figures
     if check.startswith("train.py"):
-        assert re.search(r"exit 0 .*W&B offline run finished: val/acc1 \d\.\d{3}, test/acc1 \d\.\d{3}, \d+ img/s", figures)
+        assert re.search(r"exit 0 .*W&B offline run finished: "
+                         r"val/acc1 \d\.\d{3}, test/acc1 \d\.\d{3}, \d+ img/s", figures)
 
 
 def check_table(rows: list[list[str]], expected: dict[tuple[str, str], str]) -> None:
@@ -149,7 +150,8 @@ def test_full_cpu_dry_run_every_row(tmp_path: Path) -> None:
 
 
 def test_zero_tolerance_fails_the_rows_and_the_exit_status(tmp_path: Path, capsys) -> None:
-    code = bench_main(["gpu", "--no-cuda", "--only", "attention window cpu", "--tol-scale", "0", "--out", str(tmp_path)])
+    code = bench_main(["gpu", "--no-cuda", "--only", "attention window cpu", "--tol-scale", "0",
+                       "--out", str(tmp_path)])
     assert code == 1
     rows = table_rows((tmp_path / "gpu_check.md").read_text())
     assert [r[3] for r in rows] == ["FAIL", "FAIL"]

@@ -39,12 +39,10 @@ def test_attention_bench_route_suffixes_pick_the_kernel(monkeypatch) -> None:
     ``window[sdpa]`` trains the bias through SDPA's math path; all give the same numbers."""
     from unittest import mock
 
-    from vision_attn.attention import fused
+    from vision_attn.attention import backends, fused
     from vision_attn.attention import neighborhood as nb
     from vision_attn.attention.rel_pos import bias_grid
     from vision_attn.bench.attention import Inputs, kernel_for
-
-    from vision_attn.attention import backends
 
     monkeypatch.delenv(backends.LEGACY_NA_ENV, raising=False)
     inp = Inputs.make(16)

@@ -3,21 +3,39 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import (
+    axis_pairs_reference,
+    clipped_offsets_bias,
+    global_axis_reference,
+    global_reference,
+    global_tokens_reference,
+    grid_axis_reference,
+    lsh_pairs_reference,
+    lsh_reference,
+    neighborhood_axis_reference,
+    random_bias,
+    random_qkv,
+    routed_pairs_reference,
+    routed_reference,
+    spatial_reduction_reference,
+    window_pairs_reference,
+)
 
 import vision_attn as va
-from vision_attn.attention import (AttnSpec, attention_kinds, create_attention, global_token_attention,
-                                   lsh_attention, routed_attention)
+from vision_attn.attention import (
+    AttnSpec,
+    attention_kinds,
+    create_attention,
+    global_token_attention,
+    lsh_attention,
+    routed_attention,
+)
 from vision_attn.attention.lsh import lsh_rotations
 from vision_attn.attention.neighborhood import neighborhood_patterns, tiled_attention
 from vision_attn.attention.rel_pos import bias_grid
 from vision_attn.attention.window import window_attention_lse
 from vision_attn.errors import ConfigError
 from vision_attn.visualize import kind_patterns, learned_maps, query_points
-
-from reference import (random_bias, random_qkv, axis_pairs_reference, clipped_offsets_bias, global_axis_reference, global_reference,
-                       global_tokens_reference, grid_axis_reference, lsh_pairs_reference, lsh_reference,
-                       neighborhood_axis_reference, routed_pairs_reference, routed_reference,
-                       spatial_reduction_reference, window_pairs_reference)
 
 TOL = dict(rtol=1e-10, atol=1e-10)
 NEW_KINDS = ["spatial_reduction", "lsh", "routed"]
@@ -264,8 +282,10 @@ def test_pattern_picture_shows_each_kind_exact_receptive_field() -> None:
     H = W = 12
     maps = kind_patterns(16, 2, H, W, AttnSpec(window_size=4, kernel_size=5))
     points = query_points(H, W)
-    for kind, (ay, ax) in {"neighborhood": (neighborhood_axis_reference(H, 5, 1), neighborhood_axis_reference(W, 5, 1)),
-                           "dilated": (neighborhood_axis_reference(H, 5, 2), neighborhood_axis_reference(W, 5, 2))}.items():
+    for kind, (ay, ax) in {
+        "neighborhood": (neighborhood_axis_reference(H, 5, 1), neighborhood_axis_reference(W, 5, 1)),
+        "dilated": (neighborhood_axis_reference(H, 5, 2), neighborhood_axis_reference(W, 5, 2)),
+    }.items():
         for p, (qy, qx) in enumerate(points):
             expected = torch.tensor(ay[0][qy])[:, None] & torch.tensor(ax[0][qx])[None, :]
             assert torch.equal(maps[kind][p] > 0, expected), (kind, qy, qx)

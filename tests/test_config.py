@@ -12,11 +12,11 @@ import textwrap
 import lightning as L
 import numpy as np
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from data.fakes import make_imagefolder
 from vision_attn.callbacks import PlainProgressBar, progress_bar
 from vision_attn.errors import ConfigError, config_error_in
@@ -162,8 +162,9 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
     two objects lie farther apart than every local kind's stage-1 and stage-2 reach."""
     import re
 
-    from data.shapes import render
     from test_shapes import objects
+
+    from data.shapes import render
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=attention_ablation_hires"], return_hydra_config=True)

@@ -79,7 +79,8 @@ def _png16_rgb(path: Path, arr: np.ndarray) -> Path:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -205,7 +206,8 @@ def test_error_reraised_from_a_worker_keeps_one_clean_line():
         '  File "x.py", line 1, in f\n    raise\n'
         "data.decode.CorruptImageError: cannot decode image /d/a.jpg (OSError: truncated); fix or delete the file\n"
     )
-    assert str(CorruptImageError(message)) == "cannot decode image /d/a.jpg (OSError: truncated); fix or delete the file"
+    assert str(CorruptImageError(message)) == (
+        "cannot decode image /d/a.jpg (OSError: truncated); fix or delete the file")
 
 
 # --- pixel limit (data.max_image_pixels) ------------------------------------------------
@@ -241,9 +243,11 @@ def test_huge_jpeg_decodes_at_reduced_scale_under_the_default_limit(huge_jpeg):
 def test_jpeg_limit_applies_to_the_drafted_size(big_jpeg):
     # 2000x1500: min_size 180 -> 1/8 scale 250x188 (47000 px); 400 -> 1/2 scale 1000x750; None -> full size
     assert open_image(big_jpeg, 180, max_pixels=50_000).size == (250, 188)
-    with pytest.raises(ImageTooLargeError, match=r"2000x1500 = 3000000 pixels, 1000x750 at the smallest JPEG scale the resize allows"):
+    with pytest.raises(ImageTooLargeError,
+                       match=r"2000x1500 = 3000000 pixels, 1000x750 at the smallest JPEG scale the resize allows"):
         open_image(big_jpeg, 400, max_pixels=50_000)
-    with pytest.raises(ImageTooLargeError, match=r"data.max_image_pixels=2999999: raise it \(data.max_image_pixels=3000000"):
+    with pytest.raises(ImageTooLargeError,
+                       match=r"data.max_image_pixels=2999999: raise it \(data.max_image_pixels=3000000"):
         open_image(big_jpeg, None, max_pixels=2_999_999)
     assert open_image(big_jpeg, None, max_pixels=3_000_000).size == (2000, 1500)
     assert open_image(big_jpeg, None, max_pixels=None).size == (2000, 1500)
@@ -287,7 +291,8 @@ def test_too_large_images_are_skipped_as_too_large_with_skip_corrupt(tmp_path, c
     with caplog.at_level("WARNING"):
         image, target, skipped = SkipCorrupt(_Files(paths), skip=True)[0]
     assert (image.size, target, skipped) == ((20, 15), 1, 1)
-    assert f"skipped too large image {paths[0]}" in caplog.text and "1200 pixels > data.max_image_pixels=1000" in caplog.text
+    assert (f"skipped too large image {paths[0]}" in caplog.text
+            and "1200 pixels > data.max_image_pixels=1000" in caplog.text)
 
 
 # --- read errors are not corrupt files ------------------------------------------------------
@@ -350,7 +355,8 @@ def test_persistent_read_error_names_the_file_and_is_not_skipped(tmp_path, monke
     error = info.value
     assert not isinstance(error, (CorruptImageError, ConfigError)) and isinstance(error, OSError)
     assert error.path == str(path) and error.errno == errno.EIO
-    assert str(path) in str(error) and "EIO" in str(error) and f"after {len(decode.RETRY_DELAYS_S) + 1} attempts" in str(error)
+    assert (str(path) in str(error) and "EIO" in str(error)
+            and f"after {len(decode.RETRY_DELAYS_S) + 1} attempts" in str(error))
     assert failing.calls == len(decode.RETRY_DELAYS_S) + 1 and sleeps == list(decode.RETRY_DELAYS_S)
     with pytest.raises(ImageReadError):
         SkipCorrupt(_Files([path, path]), skip=True)[0]

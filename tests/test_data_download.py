@@ -197,7 +197,8 @@ def test_datamodule_download_of_an_evil_archive_names_the_member_and_writes_noth
     archive = fastai_tgz(tmp_path, (file_info("../escaped.txt"), b"evil"), folder="imagewoof2-320")
     root = tmp_path / "data" / "root"
     dm = ImagewoofDataModule(str(root), download=True, url=str(archive), num_classes=3, **KW)
-    with pytest.raises(ConfigError, match=r"imagewoof2-320.tgz: unsafe member '../escaped.txt' \('..' path component\)"):
+    with pytest.raises(ConfigError,
+                       match=r"imagewoof2-320.tgz: unsafe member '../escaped.txt' \('..' path component\)"):
         dm.prepare_data()
     assert not (tmp_path / "data" / "escaped.txt").exists() and not (root / "imagewoof2-320").exists()
     assert tree(tmp_path / "data") == {"root", "root/.download.lock"}
@@ -252,7 +253,8 @@ def test_sha256_of_a_local_archive_is_checked(tmp_path):
     with pytest.raises(ConfigError, match=f"{archive}.*sha256 checksum mismatch: expected {'0' * 64}, got "):
         dm.prepare_data()
     good = hashlib.sha256(archive.read_bytes()).hexdigest()
-    dm = ImagenetteDataModule(str(tmp_path / "dl"), download=True, url=archive.as_uri(), sha256=good, num_classes=3, **KW)
+    dm = ImagenetteDataModule(str(tmp_path / "dl"), download=True, url=archive.as_uri(), sha256=good, num_classes=3,
+                              **KW)
     dm.prepare_data()
     assert (tmp_path / "dl" / "imagenette2-320" / "val").is_dir()
 
@@ -269,7 +271,8 @@ def test_custom_url_without_checksum_warns_once(tmp_path, caplog):
         dm.prepare_data()
         dm.prepare_data()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [f"{archive}: no checksum known, the archive is not verified (set data.md5= or data.sha256= to check it)"]
+    assert warnings == [f"{archive}: no checksum known, the archive is not verified "
+                        "(set data.md5= or data.sha256= to check it)"]
 
 
 def test_truncated_https_download_is_not_kept(tmp_path, https):

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
-from conftest import ROOT
 from data.decode import CorruptImageError, ImageTooLargeError
 from data.fakes import IMAGENETTE_WNIDS, make_class_tree, make_imagefolder, nearest_photo, photo, save, write_truncated
 from data.modules import ImageFolderDataModule, ImageNetDataModule
@@ -142,7 +142,8 @@ def test_any_mode_and_size_loads_as_rgb_batches(tmp_path):
             save(img, root / split / "only" / name)
     Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(root / "train" / "only" / "g16.png")
     Image.fromarray((np.asarray(base.convert("L"), np.uint16) * 257)).save(root / "val" / "only" / "g16.png")
-    dm = ImageFolderDataModule(str(root), batch_size=7, image_size=32, num_workers=0, augment={"randaugment": "rand-m9-mstd0.5-inc1"})
+    dm = ImageFolderDataModule(str(root), batch_size=7, image_size=32, num_workers=0,
+                               augment={"randaugment": "rand-m9-mstd0.5-inc1"})
     dm.setup()
     for loader in (dm.train_dataloader(), dm.val_dataloader()):
         images_, labels, skipped = next(iter(loader))
@@ -156,12 +157,14 @@ def _corrupt(tree: Path) -> list[Path]:
     """A truncated JPEG in train/bird and a PNG of garbage bytes in train/cat."""
     garbage = tree / "train" / "cat" / "garbage.png"
     garbage.write_bytes(b"\x89PNG garbage, not an image")
-    return [write_truncated(tree / "train" / "apple" / "apple_0.jpg", tree / "train" / "bird" / "truncated.jpg", 0.4), garbage]
+    return [write_truncated(tree / "train" / "apple" / "apple_0.jpg", tree / "train" / "bird" / "truncated.jpg", 0.4),
+            garbage]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_corrupt_image_error_names_the_file_in_one_line(tree, num_workers):
-    bad = write_truncated(tree / "train" / "apple" / "apple_0.jpg", tree / "train" / "apple" / "zz_truncated.jpg", keep=0.4)
+    bad = write_truncated(tree / "train" / "apple" / "apple_0.jpg", tree / "train" / "apple" / "zz_truncated.jpg",
+                          keep=0.4)
     dm = ImageFolderDataModule(str(tree), image_size=32, batch_size=13, num_workers=num_workers)
     dm.setup()
     with pytest.raises(CorruptImageError) as info:

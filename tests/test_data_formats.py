@@ -8,15 +8,14 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import datasets as tvd
 from torchvision.datasets.utils import calculate_md5
 
-from conftest import ROOT
 from data.decode import CorruptImageError
 from data.fakes import (
-    IMAGENETTE_WNIDS,
     make_cifar,
     make_fastai,
     make_flowers102,
@@ -37,7 +36,8 @@ from data.modules import (
 from vision_attn.errors import ConfigError, config_error_in
 
 KW = dict(image_size=32, batch_size=4, num_workers=0)
-DATASETS = ["imagefolder", "imagenet", "imagenette", "imagewoof", "food101", "flowers102", "inat2021", "cifar10", "cifar100"]
+DATASETS = ["imagefolder", "imagenet", "imagenette", "imagewoof", "food101", "flowers102", "inat2021", "cifar10",
+            "cifar100"]
 HINTS = {
     "imagefolder": "train/ and val/",
     "imagenet": "image-net.org",
@@ -85,7 +85,8 @@ def test_no_data_root_at_all_is_a_config_error_naming_the_key(name):
     assert ("data.download=true" in str(error)) == ("download" in cfg.data)
 
 
-@pytest.mark.parametrize("size,folder", [("full", "imagenette2"), ("320", "imagenette2-320"), ("160", "imagenette2-160")])
+@pytest.mark.parametrize("size,folder",
+                         [("full", "imagenette2"), ("320", "imagenette2-320"), ("160", "imagenette2-160")])
 def test_imagenette_sizes_use_fastai_folders_and_imagenet_names(tmp_path, size, folder):
     make_fastai(tmp_path, folder)
     dm = ImagenetteDataModule(str(tmp_path), size=size, num_classes=3, **KW)

@@ -72,7 +72,8 @@ def test_train_py_corrupt_image_without_skip_names_the_file_in_one_line(train_ru
     assert proc.returncode == 2, out[-4000:]
     lines = [line for line in out.splitlines() if "config error:" in line]
     assert len(lines) == 1 and "cannot decode image" in lines[0] and "data.skip_corrupt=true" in lines[0]
-    assert str(tree / "val" / "cat" / "cat_1.jpg") in lines[0] or str(tree / "train" / "bird" / "bird_3.jpg") in lines[0]
+    assert (str(tree / "val" / "cat" / "cat_1.jpg") in lines[0]
+            or str(tree / "train" / "bird" / "bird_3.jpg") in lines[0])
     assert "Traceback" not in out
 
 

@@ -56,7 +56,8 @@ def test_crop_pct_must_be_in_0_1():
         eval_transform(32, 1.5)
 
 
-@pytest.mark.parametrize("size,expected", [((400, 300), (48, 36)), ((300, 400), (36, 48)), ((10, 8), (45, 36)), ((36, 90), (36, 90))])
+@pytest.mark.parametrize("size,expected",
+                         [((400, 300), (48, 36)), ((300, 400), (36, 48)), ((10, 8), (45, 36)), ((36, 90), (36, 90))])
 def test_resize_shorter_preserves_aspect_up_and_down(size, expected):
     assert shorter_side_size(*size, 36) == expected
 
@@ -155,7 +156,8 @@ def test_mixup_makes_soft_targets_matching_the_image_mix():
 
 def test_label_smoothing_is_folded_into_mixup_targets():
     np.random.seed(1)
-    _, soft = BatchAugment(AugmentConfig(mixup=0.8, label_smoothing=0.1), num_classes=10)(torch.randn(4, 3, 8, 8), torch.arange(4))
+    _, soft = BatchAugment(AugmentConfig(mixup=0.8, label_smoothing=0.1), num_classes=10)(
+        torch.randn(4, 3, 8, 8), torch.arange(4))
     assert soft.min() == pytest.approx(0.01) and torch.allclose(soft.sum(1), torch.ones(4))
 
 
@@ -165,7 +167,8 @@ def test_cutmix_pastes_a_box_and_weights_targets_by_its_area():
     out, soft = BatchAugment(AugmentConfig(cutmix=1.0, label_smoothing=0.0), num_classes=5)(x.clone(), torch.arange(5))
     pasted = (out[0] == 4).float().mean()  # odd batch: image 0 takes its box from image 4
     assert 0 < pasted < 1
-    assert soft[0, 4] == pytest.approx(float(pasted), abs=1e-6) and soft[0, 0] == pytest.approx(1 - float(pasted), abs=1e-6)
+    assert (soft[0, 4] == pytest.approx(float(pasted), abs=1e-6)
+            and soft[0, 0] == pytest.approx(1 - float(pasted), abs=1e-6))
 
 
 def test_datamodule_mixes_training_batches_only():
@@ -221,7 +224,8 @@ class RecordTargets(L.Callback):
 
 def test_training_with_mixup_feeds_soft_targets_to_training_and_hard_to_validation():
     module = ClassificationModule(MODEL, num_classes=8, img_size=16, optim=OPTIM)
-    dm = ShapesDataModule(image_size=16, batch_size=8, train_size=16, val_size=8, test_size=8, augment={"mixup": 0.8, "cutmix": 1.0, "reprob": 0.25})
+    dm = ShapesDataModule(image_size=16, batch_size=8, train_size=16, val_size=8, test_size=8,
+                          augment={"mixup": 0.8, "cutmix": 1.0, "reprob": 0.25})
     record = RecordTargets()
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[record], num_sanity_val_steps=0)  # fmt: skip

@@ -5,7 +5,6 @@ import glob
 
 import pytest
 import torch
-
 from conftest import run_train
 from test_fault import final_metrics
 
@@ -27,7 +26,8 @@ def test_two_cpu_processes_match_one_process_and_log_one_wandb_run(tmp_path):
                      "logger=wandb", f"hydra.run.dir={ddp_dir}"], tmp_path, timeout=600)
     out = ddp.stdout + ddp.stderr
     assert ddp.returncode == 0, out[-4000:]
-    assert "distributed_backend=gloo" in out and "All distributed processes registered. Starting with 2 processes" in out
+    assert ("distributed_backend=gloo" in out
+            and "All distributed processes registered. Starting with 2 processes" in out)
     one = run_train([*COMMON, "trainer.accelerator=cpu", "trainer.devices=1", "data.batch_size=16", "logger=none",
                      f"hydra.run.dir={one_dir}"], tmp_path)
     assert one.returncode == 0, (one.stdout + one.stderr)[-4000:]

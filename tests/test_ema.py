@@ -5,10 +5,10 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from fault_helpers import Crash, CrashAtStep
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.datamodule import ShapesDataModule
-from fault_helpers import Crash, CrashAtStep
 from vision_attn.callbacks import EMA, ema
 from vision_attn.errors import ConfigError
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance
@@ -50,7 +50,8 @@ def fit(tmp_path, decay=DECAY, max_epochs=2, crash_at=None, resume=False, extra=
     module = ClassificationModule(dict(variant="swin", size="pico", embed_dim=16), 8, 32, OPTIM)
     ckpt_dir = tmp_path / "checkpoints"
     probe = Probe()
-    callbacks = [ema(decay), probe, ModelCheckpoint(dirpath=ckpt_dir, filename="e{epoch}", auto_insert_metric_name=False, save_top_k=-1),
+    callbacks = [ema(decay), probe,
+                 ModelCheckpoint(dirpath=ckpt_dir, filename="e{epoch}", auto_insert_metric_name=False, save_top_k=-1),
                  FaultTolerance(str(ckpt_dir), every_n_train_steps=3)]
     callbacks += list(extra)
     if crash_at:
@@ -122,6 +123,7 @@ def test_ema_decay_key():
 
 
 def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
+    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
@@ -129,8 +131,9 @@ def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
 
     for decay, expected in ((None, 0), (0.99, 1)):
         with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"ema_decay={'null' if decay is None else decay}", "callbacks.checkpoint=null",
-                                               "callbacks.fault_tolerance=null", "callbacks.images=null"])
+            cfg = compose("config", overrides=[f"ema_decay={'null' if decay is None else decay}",
+                                               "callbacks.checkpoint=null", "callbacks.fault_tolerance=null",
+                                               "callbacks.images=null"])
         callbacks = instantiate_group(cfg.callbacks)
         found = [c for c in callbacks if isinstance(c, EMA)]
         assert len(found) == expected and all(c is not None for c in callbacks)

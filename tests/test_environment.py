@@ -10,9 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
-from packaging.requirements import Requirement
-
 from conftest import ROOT
+from packaging.requirements import Requirement
 
 FIX = "run `make venv` to install exactly the lock, or `make lock` after changing requirements.txt"
 IGNORED = {"pip"}  # the lock leaves pip out (pip freeze --all | grep -v pip)
@@ -69,7 +68,8 @@ def test_installed_distributions_are_exactly_the_lock():
             problems.append(f"extra: {name}=={'/'.join(sorted(versions))} is installed but not in requirements.lock")
         elif versions != {lock[name]}:
             problems.append(f"different: {name} installed {'/'.join(sorted(versions))}, requirements.lock {lock[name]}")
-    assert not problems, f"the environment ({sys.prefix}) differs from requirements.lock; {FIX}:\n  " + "\n  ".join(problems)
+    assert not problems, (f"the environment ({sys.prefix}) differs from requirements.lock; {FIX}:\n  "
+                          + "\n  ".join(problems))
 
 
 def test_pip_check_is_clean():
@@ -99,6 +99,7 @@ def test_optional_extras_are_pinned_exactly():
     for extra, requirements in extras.items():
         for line in requirements:
             specs = list(Requirement(line).specifier)
-            assert len(specs) == 1 and specs[0].operator == "==", f"pyproject.toml extra [{extra}]: {line!r} is not pinned with =="
+            assert len(specs) == 1 and specs[0].operator == "==", (
+                f"pyproject.toml extra [{extra}]: {line!r} is not pinned with ==")
     # The API our kernels call (natten.na2d(q, k, v, kernel_size=, dilation=, scale=), heads last) is 0.21's.
     assert "natten==0.21.7" in extras["natten"]

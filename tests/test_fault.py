@@ -17,18 +17,22 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from conftest import ROOT, run_train
 from fault_helpers import Crash, CrashAtStep, SigtermAt
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from test_train import TINY
+
 from data.datamodule import ShapesDataModule
 from data.resumable import ResumableDataLoader, ResumableSampler, resumable_train_loader
-from test_train import TINY
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-from vision_attn.errors import ConfigError, TrainingDiverged
-from vision_attn.fault import (AtomicCheckpointIO, FaultTolerance, atomic_torch_save, collect_rng_states,
-                               resolve_ckpt_path)
 from vision_attn.callbacks import ImageLogger
+from vision_attn.errors import ConfigError, TrainingDiverged
+from vision_attn.fault import (
+    AtomicCheckpointIO,
+    FaultTolerance,
+    atomic_torch_save,
+    resolve_ckpt_path,
+)
 from vision_attn.module import ClassificationModule
 
 OPTIM = dict(opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5)
@@ -137,8 +141,9 @@ def uninterrupted(tmp_path_factory):
     return _fit(tmp_path_factory.mktemp("ref"))  # checkpoint writes do not change training
 
 
-@pytest.mark.parametrize("every_n,crash_at,saved_at", [pytest.param(None, 6, 4, marks=pytest.mark.slow), (3, 7, 6),
-                                                      (4, 5, 4)], ids=["epoch-end", "mid-epoch", "every-n-at-epoch-end"])
+@pytest.mark.parametrize("every_n,crash_at,saved_at",
+                         [pytest.param(None, 6, 4, marks=pytest.mark.slow), (3, 7, 6), (4, 5, 4)],
+                         ids=["epoch-end", "mid-epoch", "every-n-at-epoch-end"])
 def test_resume_in_process_is_bit_identical(tmp_path, uninterrupted, every_n, crash_at, saved_at):
     """4 steps an epoch, 2 epochs; crash, resume from last.ckpt (written at the end of epoch 0, or
     mid-epoch at step 6), compare with an uninterrupted run: same weights, same validation."""
@@ -177,7 +182,8 @@ class ValRecorder(L.Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
-            self.by_epoch[trainer.current_epoch] = {k: float(trainer.callback_metrics[k]) for k in ("val/loss", "val/acc1")}
+            self.by_epoch[trainer.current_epoch] = {k: float(trainer.callback_metrics[k])
+                                                    for k in ("val/loss", "val/acc1")}
 
 
 def test_sigterm_mid_validation_reruns_that_validation_in_full_on_resume(tmp_path, one_thread):
@@ -192,7 +198,8 @@ def test_sigterm_mid_validation_reruns_that_validation_in_full_on_resume(tmp_pat
     rec = ValRecorder()
     resumed, trainer = _fit(tmp_path / "cut", resume=True, val_size=48, extra=[rec])
     assert rec.by_epoch == ref_rec.by_epoch and set(rec.by_epoch) == {0, 1}
-    assert float(trainer.checkpoint_callback.best_model_score) == float(ref_trainer.checkpoint_callback.best_model_score)
+    assert (float(trainer.checkpoint_callback.best_model_score)
+            == float(ref_trainer.checkpoint_callback.best_model_score))
     for (name, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -320,7 +327,8 @@ def _ckpt(path: Path, step: int, age_s: float = 0.0) -> str:
 
 def test_resume_and_ckpt_path_last_resolve_to_the_run_dirs_last_ckpt(tmp_path):
     last = tmp_path / "checkpoints" / "last.ckpt"
-    for kwargs, key in (({"ckpt_path": None, "resume": True}, "resume=true"), ({"ckpt_path": "last", "resume": False}, "ckpt_path=last")):
+    for kwargs, key in (({"ckpt_path": None, "resume": True}, "resume=true"),
+                        ({"ckpt_path": "last", "resume": False}, "ckpt_path=last")):
         with pytest.raises(ConfigError) as info:
             resolve_ckpt_path(run_dir=str(tmp_path), env={}, **kwargs)
         assert str(info.value).startswith(f"{key}: no checkpoint at {last}")
@@ -359,7 +367,7 @@ def test_requeued_job_started_from_a_ckpt_path_continues_from_its_own_progress(t
 
 
 def test_resume_takes_an_hpc_checkpoint_newer_than_last_and_skips_a_corrupt_newest(tmp_path, caplog):
-    last = _ckpt(tmp_path / "checkpoints" / "last.ckpt", 8, age_s=120)
+    _ckpt(tmp_path / "checkpoints" / "last.ckpt", 8, age_s=120)  # older than the hpc checkpoint
     hpc = _ckpt(tmp_path / "hpc_ckpt_1.ckpt", 10, age_s=60)
     assert resolve_ckpt_path(None, True, str(tmp_path), env={}) == hpc
     corrupt = tmp_path / "hpc_ckpt_2.ckpt"
@@ -385,7 +393,8 @@ def test_remote_ckpt_path_and_pickled_checkpoints_are_refused_naming_the_file(tm
             AtomicCheckpointIO().load_checkpoint(url)
     path = tmp_path / "pickled.ckpt"
     torch.save({"state_dict": {}, "optimizer_states": [], "loops": {}, "global_step": 1, "epoch": 0, "x": Evil()}, path)
-    with pytest.raises(ConfigError, match=f"ckpt_path={path}: checkpoint {path} cannot be loaded with weights_only=True"):
+    with pytest.raises(ConfigError,
+                       match=f"ckpt_path={path}: checkpoint {path} cannot be loaded with weights_only=True"):
         resolve_ckpt_path(str(path), False, str(tmp_path), env={})
     with pytest.raises(ConfigError, match=f"checkpoint {path} cannot be loaded with weights_only=True"):
         AtomicCheckpointIO().load_checkpoint(path, weights_only=False)  # asked for False: still True
@@ -489,8 +498,9 @@ def test_non_finite_weights_are_never_saved_and_the_previous_file_stays(tmp_path
 def test_sigterm_during_the_test_phase_exits_143_without_results(train_runner, tmp_path):
     """Lightning's SIGTERMException is a SystemExit without a code (status 0): after fit it must be 143 too."""
     run_dir = tmp_path / "run"
-    proc = train_runner(*TINY, "logger=none", f"hydra.run.dir={run_dir}", "+callbacks.term._target_=fault_helpers.SigtermAt",
-                        "+callbacks.term.stage=test", env={"PYTHONPATH": str(ROOT / "tests")})
+    proc = train_runner(*TINY, "logger=none", f"hydra.run.dir={run_dir}",
+                        "+callbacks.term._target_=fault_helpers.SigtermAt", "+callbacks.term.stage=test",
+                        env={"PYTHONPATH": str(ROOT / "tests")})
     out = proc.stdout + proc.stderr
     assert "sending SIGTERM at test batch 0" in out, out[-3000:]
     assert proc.returncode == 143, out[-3000:]
@@ -505,7 +515,8 @@ def test_multirun_with_a_relaunching_ddp_strategy_is_refused_in_one_line(train_r
                         "seed=0,1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
-    assert "config error: trainer.strategy=ddp starts 2 processes by re-running train.py, which Hydra multirun (-m) cannot do" in out
+    assert ("config error: trainer.strategy=ddp starts 2 processes by re-running train.py, "
+            "which Hydra multirun (-m) cannot do") in out
     assert "Traceback" not in out and "epoch 0" not in out
 
 

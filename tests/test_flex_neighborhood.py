@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import neighborhood_reference, random_bias, random_qkv
 
 import vision_attn.attention.neighborhood as nb
 from vision_attn import create_model
 from vision_attn.attention import backends, flex
 from vision_attn.errors import ConfigError
-
-from reference import neighborhood_reference, random_bias, random_qkv
 
 SWEEP = [(k, d) for k in (3, 5, 7, 9, 11, 13) for d in (1, 2, 3, 4)]
 

@@ -8,13 +8,12 @@ from unittest import mock
 
 import pytest
 import torch
+from reference import neighborhood_reference, random_bias, random_qkv
 
 import vision_attn.attention.neighborhood as nb
 from vision_attn import create_model
 from vision_attn.attention import backends, fused
 from vision_attn.errors import ConfigError
-
-from reference import neighborhood_reference, random_bias, random_qkv
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C++ compiler: the fused kernel cannot build")
 
@@ -55,7 +54,8 @@ def test_the_sweep_reaches_the_band_paths() -> None:
     assert [c for c, n in zip(cases, keys) if n == 0] == [(9, 4), (11, 3), (11, 4), (13, 3), (13, 4)]  # k*d >= 33
     assert all(fused.banded_columns(21, k, d, torch.float64) > 0 for k, d in [(3, 1), (5, 2), (3, 4), (13, 1)])
     assert fused.banded_columns(56, 7, 1, torch.float32) == 48  # interior columns 3..52: 3 bands, 2 left
-    assert fused.banded_columns(56, 7, 1, torch.float32, keys=True) == 42  # keys 7..48 (6 and 49 also seen by border queries)
+    # keys 7..48 (6 and 49 also seen by border queries)
+    assert fused.banded_columns(56, 7, 1, torch.float32, keys=True) == 42
     assert fused.banded_columns(14, 7, 1, torch.float32) == 0  # too short for a band of 16
     # Borders of at least half a band (d * r >= 8 floats, >= 4 doubles) take clamped bands.
     assert fused.banded_columns(56, 7, 1, torch.float32, clamped=True) == 0  # 3 columns each side: one by one

@@ -1,6 +1,7 @@
 """Neighborhood / dilated attention against brute force (docs/attention.md semantics): the reference tests run
 through both CPU routes (``na_route``: the fused kernel and the tiled kernel); tests of the tiled
-kernel's own tiles, chunks and dropout pin it (``tiled_route``). More on the fused kernel: test_fused_neighborhood.py."""
+kernel's own tiles, chunks and dropout pin it (``tiled_route``). More on the fused kernel:
+test_fused_neighborhood.py."""
 from __future__ import annotations
 
 import logging
@@ -9,14 +10,13 @@ import types
 
 import pytest
 import torch
+from reference import neighborhood_reference, random_bias, random_qkv
 
 import vision_attn.attention.neighborhood as nb
 import vision_attn.attention.tiled as tiled
 from vision_attn.attention import AttnSpec, backends, create_attention, neighborhood_attention
-from vision_attn.errors import ConfigError
 from vision_attn.attention.rel_pos import bias_grid
-
-from reference import random_bias, random_qkv, neighborhood_reference
+from vision_attn.errors import ConfigError
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 

@@ -7,10 +7,10 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image, ImageOps
 from timm.data.auto_augment import RandAugment
 
-from conftest import ROOT
 from data.augment import RECIPES, AugmentConfig
 from data.decode import ImageLoader
 from data.fakes import make_imagefolder, photo, save

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 
 import pytest
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from timm.data.auto_augment import RandAugment
 from torchvision.transforms import RandomHorizontalFlip
 
-from conftest import ROOT
 from data import augment as augment_module
 from data.augment import RECIPES, AugmentConfig, auto_recipe
 from data.fakes import make_imagefolder

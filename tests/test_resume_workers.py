@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, run_train, start_train
+from test_fault import final_metrics
+
 from data.fakes import make_photo_crops, write_truncated
 from data.modules import ImageFolderDataModule
-from test_fault import final_metrics
 
 BATCH = 4
 

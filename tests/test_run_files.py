@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from conftest import ROOT
 from vision_attn import callbacks, loggers
 from vision_attn.files import atomic_write, atomic_write_json
 from vision_attn.loggers import read_run_id, write_run_id
@@ -43,7 +43,8 @@ def test_logged_in_without_a_route_to_wandb_logs_offline_and_says_why(logged_in,
         assert loggers.wandb_mode() == "offline"
     assert asked == [(("api.wandb.ai", 443), 5.0)]  # a 5 s probe, not wandb.init's 60 s wait
     assert "logged in, but api.wandb.ai:443 unreachable" in caplog.text and "wandb sync" in caplog.text
-    monkeypatch.setattr(socket, "create_connection", lambda address, timeout=None: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda address, timeout=None: types.SimpleNamespace(close=lambda: None))
     assert loggers.wandb_mode() == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert loggers.wandb_mode() == "disabled"  # the user's explicit choice is never probed or changed
@@ -138,4 +139,5 @@ def test_run_id_file_is_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.setattr("os.replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(OSError):
         write_run_id(str(tmp_path), "zzz999")
-    assert read_run_id(str(tmp_path)) == "abc123" and sorted(p.name for p in Path(tmp_path).iterdir()) == ["wandb_run_id"]
+    assert (read_run_id(str(tmp_path)) == "abc123"
+            and sorted(p.name for p in Path(tmp_path).iterdir()) == ["wandb_run_id"])

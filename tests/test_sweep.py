@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import optuna
-
 from conftest import ROOT
 from test_train import TINY, inspect_wandb, wandb_records
+
 from vision_attn.loggers import _swept_keys
 
 

@@ -53,13 +53,14 @@ def test_independent_tiles_are_the_area_weighted_mean_of_crops() -> None:
     plain = _model()
     tiled = _copy(_model(tile_size=32), plain)
     x = torch.randn(2, 3, 64, 96)  # 2 x 3 tiles of 32 x 32
-    feats = [plain.forward_features(x[..., t:b, l:r]).mean((1, 2)) for t, l, b, r in tile_boxes(64, 96, 32)]
+    feats = [plain.forward_features(x[..., t:b, left:r]).mean((1, 2)) for t, left, b, r in tile_boxes(64, 96, 32)]
     ref = plain.forward_head(torch.stack(feats).mean(0)[:, None, None, :])
     torch.testing.assert_close(tiled(x), ref, rtol=0, atol=1e-5)
     # Ragged tiles (80 = 64 + 16 rows): weighted by their area.
     x = torch.randn(1, 3, 80, 64)
     boxes = tile_boxes(80, 64, 32)
-    feats = [plain.forward_features(x[..., t:b, l:r]).mean((1, 2)) * (b - t) * (r - l) / (80 * 64) for t, l, b, r in boxes]
+    feats = [plain.forward_features(x[..., t:b, left:r]).mean((1, 2)) * (b - t) * (r - left) / (80 * 64)
+             for t, left, b, r in boxes]
     torch.testing.assert_close(tiled(x), plain.forward_head(sum(feats)[:, None, None, :]), rtol=0, atol=1e-5)
 
 

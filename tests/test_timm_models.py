@@ -23,7 +23,8 @@ ALL = [pytest.param(n, marks=() if n in FAST else pytest.mark.slow) for n in NAM
 FAST_EXPORT = ("swin_dilated",)
 FX_SIZE = 128  # timm's TARGET_FWD_FX_SIZE / TARGET_BWD_FX_SIZE
 FEAT_SIZE = 96  # timm's TARGET_FFEAT_SIZE
-TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(), param_shapes_constant=True)
+TRACER = dict(leaf_modules=get_notrace_modules(), autowrap_functions=get_notrace_functions(),
+              param_shapes_constant=True)
 
 
 def test_every_variant_and_size_is_registered() -> None:

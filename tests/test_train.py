@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
@@ -73,7 +72,8 @@ def test_training_run_leaves_an_offline_wandb_run_with_metrics_and_resolved_conf
     routes = ["window: sdpa_5d / shifted_window: sdpa_5d"] * 4
     assert config["model_routes"] == routes
     assert json.loads((run_dir / "results.json").read_text())["routes"] == routes
-    assert "kernel routes (training on cpu, float32, batch 16):\n  stage 1: window: sdpa_5d / shifted_window: sdpa_5d" in out
+    assert ("kernel routes (training on cpu, float32, batch 16):\n"
+            "  stage 1: window: sdpa_5d / shifted_window: sdpa_5d") in out
     assert (run_dir / ".hydra" / "config.yaml").exists()
     aliases = {a for r in wandb_records(run_dir, "artifact") for a in r["artifact"]["aliases"]}
     assert {"best", "latest"} <= aliases  # logger.wandb.log_model=true: checkpoints as artifacts

@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import window_pairs_reference, window_reference
 from timm.layers import to_2tuple
 from timm.models.swin_transformer import SwinTransformerBlock
 from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
 
-from reference import window_pairs_reference, window_reference
 from vision_attn.attention import AttnSpec, WindowAttention, backends, bias_grid, resize_bias_table, window_attention
 from vision_attn.attention.rel_pos import window_bias
 from vision_attn.blocks import Block

@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch import nn
 from timm.layers import DropPath, LayerScale, Mlp, trunc_normal_
 from timm.models._manipulate import checkpoint_seq
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import AttnSpec, create_attention
@@ -133,7 +133,8 @@ class Stage(nn.Module):
         memory = memory + self.memory_position(position)
         return self._forward_global(self.downsample(x), memory)
 
-    def _forward_global(self, x: torch.Tensor, memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_global(self, x: torch.Tensor,
+                        memory: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Blocks on the map plus this stage's global tokens (and a carried memory); the global
         tokens end with the stage, the memory's new state is returned."""
         parts = [] if self.global_tokens is None else [self.global_tokens.repeat(x.shape[0], 1, 1)]

@@ -143,7 +143,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         acc = f"{100 * r['acc']:.2f}" + (f" ± {100 * r['acc_sd']:.2f}" if r["seeds"] > 1 else "")
         cells = [_name(r), r["size"], r["data"] or "", str(r["seeds"]),
                  _fmt(r["params"] / 1e6 if r["params"] else None, ".2f"), _fmt(r["gflops"], ".3f"), acc,
-                 _fmt(r["ips"], ".0f"), _fmt(r["mem"], ".0f"), _fmt(r["wall"], ".0f")] + [_reach(r.get("reach"))] * reach
+                 _fmt(r["ips"], ".0f"), _fmt(r["mem"], ".0f"), _fmt(r["wall"], ".0f")]
+        cells += [_reach(r.get("reach"))] * reach
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

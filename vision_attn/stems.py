@@ -6,9 +6,9 @@ are NAT's overlapping convolutional tokenizer and strided-conv downsampler.
 from __future__ import annotations
 
 import torch
-from torch import nn
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging
+from torch import nn
 
 
 class ConvTokenizer(nn.Module):

@@ -159,7 +159,8 @@ def _validate_per_stage(kwargs: dict[str, Any], stages: int) -> None:
     dilations = kwargs.get("dilations")
     if dilations is not None:
         ok = isinstance(dilations, (list, tuple)) and len(dilations) == stages and all(
-            isinstance(d, (list, tuple)) and d and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d)
+            isinstance(d, (list, tuple)) and d
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in d)
             for d in dilations
         )
         if not ok:

@@ -1,15 +1,15 @@
 """Attention kinds. Importing this package registers every kind."""
 from . import backends
-from .registry import AttnSpec, attention_class, attention_kinds, create_attention, register_attention
-from .rel_pos import bias_grid, resize_bias_table
-from .window import ShiftedWindowAttention, WindowAttention, window_attention
-from .neighborhood import DilatedNeighborhoodAttention, NeighborhoodAttention, neighborhood_attention
-from .grid import GridAttention, grid_attention
 from .global_attn import GlobalAttention, global_attention
 from .global_tokens import global_token_attention
-from .spatial_reduction import SpatialReductionAttention, spatial_reduction_attention
+from .grid import GridAttention, grid_attention
 from .lsh import LSHAttention, lsh_attention
+from .neighborhood import DilatedNeighborhoodAttention, NeighborhoodAttention, neighborhood_attention
+from .registry import AttnSpec, attention_class, attention_kinds, create_attention, register_attention
+from .rel_pos import bias_grid, resize_bias_table
 from .routed import RoutedAttention, routed_attention
+from .spatial_reduction import SpatialReductionAttention, spatial_reduction_attention
+from .window import ShiftedWindowAttention, WindowAttention, window_attention
 
 __all__ = [
     "AttnSpec",

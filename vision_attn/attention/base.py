@@ -110,7 +110,8 @@ class QKVAttention(nn.Module):
         return self.exposes_attend or type(self).attention_maps is not QKVAttention.attention_maps
 
     @torch.no_grad()
-    def attention_maps(self, x: torch.Tensor, points: list[tuple[int, int]], pattern_only: bool = False) -> torch.Tensor:
+    def attention_maps(self, x: torch.Tensor, points: list[tuple[int, int]],
+                       pattern_only: bool = False) -> torch.Tensor:
         """Weights of the query ``points`` over the map: ``(heads, P, H, W)`` for one ``(1, H, W, C)`` map.
 
         Values are one-hot position codes, so the output at a query is its row of attention

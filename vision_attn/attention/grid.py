@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .tiled import AxisPattern, TiledAttentionModule, tiled_attention
 from .registry import AttnSpec, register_attention
+from .tiled import AxisPattern, TiledAttentionModule, tiled_attention
 
 
 def grid_axis(length: int, grid_size: int) -> AxisPattern:

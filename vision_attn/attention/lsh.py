@@ -9,9 +9,9 @@ Semantics on an ``N = H * W`` token map (raster order), per batch element and he
 * hashing: ``n_hashes`` rounds of random rotations ``R (D, b/2)``;
   ``bucket(i) = argmax([k_i R, -k_i R])``. ``b = lsh_buckets``, or by default Reformer's
   ``2 * ceil(N / chunk)`` capped at ``2 * chunk`` (beyond ``chunk^2`` tokens buckets hold more
-  than a chunk; the cap keeps hashing at ``O(N * chunk)`` time and memory). Rotations are a fixed function of the module's
-  ``hash_seed`` (a buffer), the map size and the head dim, so a module hashes the same way in
-  training, eval and the reference tests;
+  than a chunk; the cap keeps hashing at ``O(N * chunk)`` time and memory). Rotations are a
+  fixed function of the module's ``hash_seed`` (a buffer), the map size and the head dim, so a
+  module hashes the same way in training, eval and the reference tests;
 * per round: sort tokens by ``(bucket, position)``, cut the sorted order into chunks of
   ``chunk`` tokens (the last one padded; padding is never attended), and every query attends to
   the keys of its own chunk and of the previous chunk (the first chunk looks back to the last;
@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import tensor_cache, tracing
 from .base import QKVAttention
+from .cache import tensor_cache, tracing
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, clipped_pair_index, new_bias_table
 

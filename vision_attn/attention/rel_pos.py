@@ -10,9 +10,8 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch import nn
 from timm.layers import resize_rel_pos_bias_table, to_2tuple, trunc_normal_
-
+from torch import nn
 
 Size = Union[int, tuple[int, int]]
 

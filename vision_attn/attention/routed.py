@@ -23,8 +23,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .cache import tensor_cache
 from .base import QKVAttention
+from .cache import tensor_cache
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 from .window import WindowGeometry, heads_to_windows, partition, unpartition

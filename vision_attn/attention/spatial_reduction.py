@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import tensor_cache
 from .base import QKVAttention
+from .cache import tensor_cache
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 
@@ -132,7 +132,9 @@ class SpatialReductionAttention(QKVAttention):
         if g is not None:
             return self.forward_global(x, g)
         q, k, v = self.map_qkv(x)
-        return self.out_proj(spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p))
+        return self.out_proj(
+            spatial_reduction_attention(q, k, v, self.sr_ratio, self.bias_grid(), self.scale, self.dropout_p)
+        )
 
     @torch.no_grad()
     def attention_maps(

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import to_2tuple
 
-from .cache import tensor_cache
 from . import backends
 from .base import QKVAttention
+from .cache import tensor_cache
 from .registry import AttnSpec, register_attention
 from .rel_pos import Size, bias_grid, new_bias_table, window_bias
 
@@ -205,7 +205,8 @@ class _WindowAttentionFunction(torch.autograd.Function):
             dq.append(torch.bmm(ds, _per_head(k, h)).mul_(ctx.scale))
             dk.append(torch.bmm(ds.transpose(1, 2), scaled[h]))
         return (_stack_heads(dq, B) if need_q else None, _stack_heads(dk, B) if need_k else None,
-                _stack_heads(dv, B) if need_v else None, torch.stack(dmask, 1).to(grad.dtype) if need_mask else None, None)
+                _stack_heads(dv, B) if need_v else None, torch.stack(dmask, 1).to(grad.dtype) if need_mask else None,
+                None)
 
 
 def _per_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -16,9 +16,9 @@ module's depthwise strided conv), ``lsh`` (chunks of ``LSH_CHUNK``, one hash rou
 * Peak memory: each (kind, size) runs in fresh subprocesses (median of ``--mem-reps``).
   After the inputs are built the kernel's peak resident-set growth is read from
   ``/proc/self/status``: ``VmHWM`` is reset through ``/proc/self/clear_refs`` (falls back to
-  ``ru_maxrss``), so the number is ``VmHWM - VmRSS`` around one forward+backward (after ``malloc_trim``), i.e. everything the
-  kernel allocates on top of its inputs, including the q/k/v/bias gradients and its cached
-  index plans. ``tracemalloc`` would not see torch buffers.
+  ``ru_maxrss``), so the number is ``VmHWM - VmRSS`` around one forward+backward (after
+  ``malloc_trim``), i.e. everything the kernel allocates on top of its inputs, including the
+  q/k/v/bias gradients and its cached index plans. ``tracemalloc`` would not see torch buffers.
 * ``global`` is skipped where its estimated peak exceeds ``--mem-cap-gb``.
 * One intra-op thread by default: on a small shared box a co-running job turns every OpenMP
   region into a scheduler stall, which swamps the kernels. ``--threads 0`` keeps torch's default.
@@ -39,15 +39,23 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-
 import torch.nn.functional as F
 
-from vision_attn.attention import backends, global_attention, grid_attention, neighborhood_attention, window_attention
-from vision_attn.attention import global_token_attention, lsh_attention, routed_attention, spatial_reduction_attention
-from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
-from vision_attn.attention.window import window_attention_lse
+from vision_attn.attention import (
+    backends,
+    global_attention,
+    global_token_attention,
+    grid_attention,
+    lsh_attention,
+    neighborhood_attention,
+    routed_attention,
+    spatial_reduction_attention,
+    window_attention,
+)
 from vision_attn.attention import neighborhood as nb
+from vision_attn.attention.lsh import lsh_num_buckets, lsh_rotations
 from vision_attn.attention.rel_pos import bias_grid, new_bias_table
+from vision_attn.attention.window import window_attention_lse
 from vision_attn.bench.common import interleaved, machine, markdown_table, save_loglog_figure
 from vision_attn.memory import proc_status_kib, reset_cpu_peak
 
@@ -224,7 +232,8 @@ def halo_floor(size: int, tiles: list[str], reps: int) -> list[list[str]]:
     rows = []
     for name, (nq, nk) in shapes.items():
         ms = statistics.median(samples[name])
-        rows.append([f"{size}²", name, f"{nq} x {nk}", f"{nk / KERNEL**2:.2f}x", f"{ms * 1e3:.1f}", f"{ms / base:.2f}x"])
+        rows.append([f"{size}²", name, f"{nq} x {nk}", f"{nk / KERNEL**2:.2f}x", f"{ms * 1e3:.1f}",
+                     f"{ms / base:.2f}x"])
     return rows
 
 
@@ -327,7 +336,8 @@ def targets(rows: list[dict]) -> str:
             dil = [_lookup(rows, f"dilated_{d}{route}", size, "ms") for d in (2, 3, 4)]
             worst = max(dil) / na if na and all(dil) else None  # type: ignore[type-var]
             line(f"{tag}: worst dilated (d=2..4) / neighborhood time, {size}² (<= 1.05x)", worst, lambda x: x <= 1.05)
-        a, b = _lookup(rows, f"neighborhood{route}", 56, "peak_mb"), _lookup(rows, f"neighborhood{route}", 112, "peak_mb")
+        a = _lookup(rows, f"neighborhood{route}", 56, "peak_mb")
+        b = _lookup(rows, f"neighborhood{route}", 112, "peak_mb")
         line(f"{tag}: neighborhood peak memory 56² -> 112² (<= 4.4x)", b / a if a and b else None, lambda x: x <= 4.4)
     a, b = _lookup(rows, "global", 56, "peak_mb"), _lookup(rows, "global", 112, "peak_mb")
     line("global peak memory 56² -> 112² (>= 12x, for contrast)", b / a if a and b else None, lambda x: x >= 12.0)

@@ -82,8 +82,10 @@ def torchvision_epoch(root: Path, crop: int, batch_size: int, train: bool) -> Ca
     if train:
         tf = transforms.Compose([transforms.RandomResizedCrop(crop), transforms.ToTensor()])
     else:
-        tf = transforms.Compose([transforms.Resize(int(crop / 0.875)), transforms.CenterCrop(crop), transforms.ToTensor()])
-    loader = DataLoader(datasets.ImageFolder(str(root / "train"), transform=tf), batch_size=batch_size, shuffle=train, num_workers=0)
+        tf = transforms.Compose([transforms.Resize(int(crop / 0.875)), transforms.CenterCrop(crop),
+                                 transforms.ToTensor()])
+    loader = DataLoader(datasets.ImageFolder(str(root / "train"), transform=tf), batch_size=batch_size, shuffle=train,
+                        num_workers=0)
     return epoch(loader)
 
 
@@ -154,8 +156,10 @@ def report(results: Iterable[dict], args: argparse.Namespace) -> str:
             ])
             if r["pipeline"] == "ours (train)":
                 met = "met" if r["vs_torchvision"] >= TARGET else "MISSED"
-                checks.append([label, f"{r['vs_torchvision']:.2f}x", f"{r['vs_torchvision_wall']:.2f}x", f">= {TARGET:g}x", met])
-    header = ["images", "pipeline", "images/s", "CPU ms/image", "vs torchvision", "wall images/s", "wall vs torchvision"]
+                checks.append([label, f"{r['vs_torchvision']:.2f}x", f"{r['vs_torchvision_wall']:.2f}x",
+                               f">= {TARGET:g}x", met])
+    header = ["images", "pipeline", "images/s", "CPU ms/image", "vs torchvision", "wall images/s",
+              "wall vs torchvision"]
     lines.append(markdown_table(header, rows))
     lines += ["", markdown_table(["images", "ours (train) / torchvision", "(wall clock)", "target", ""], checks)]
     return "\n".join(lines)
@@ -190,12 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             rows = with_ratios(measure(Path(tmp), args))
         results.append({"noise": noise, **stats, "rows": rows})
         for r in rows:
-            print(f"noise {noise:g} {r['pipeline']}: {r['images_per_s']:.1f} images/CPU-s ({r['vs_torchvision']:.2f}x), "
+            print(f"noise {noise:g} {r['pipeline']}: {r['images_per_s']:.1f} images/CPU-s "
+                  f"({r['vs_torchvision']:.2f}x), "
                   f"{r['images_per_s_wall']:.1f} images/s wall ({r['vs_torchvision_wall']:.2f}x)", flush=True)
     text = report(results, args)
     print("\n" + text)
     (args.out / "data.md").write_text(text + "\n")
-    (args.out / "data.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+    (args.out / "data.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     print(f"\nwrote {args.out / 'data.md'}, {args.out / 'data.json'}")
     return 0
 

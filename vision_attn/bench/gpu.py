@@ -148,7 +148,8 @@ def run_check(check: Check, ctx: Ctx, has_cuda: bool, left_s: float = float("inf
     except NotApplicable as e:
         result, figures = NOT_APPLICABLE, str(e)
     except Exception as e:  # a crash is a failed row, not a crashed table
-        result, figures = "FAIL", f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        result, figures = "FAIL", (
+            f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300])
     finally:
         _free(ctx.device)
     return Row(check.name, check.setting, device, result, figures, time.perf_counter() - t0)
@@ -378,7 +379,8 @@ class Comparison:
         if weights:
             name = max(weights, key=weights.get)  # type: ignore[arg-type]
             parts.append(f"dW {weights[name]:.1e} ({name[1:]})")
-        text = f"rel. max abs diff {', '.join(parts)}; {self.tol_text()}; kernels: {', '.join(self.kernels) or 'no SDPA'}"
+        text = (f"rel. max abs diff {', '.join(parts)}; {self.tol_text()}; "
+                f"kernels: {', '.join(self.kernels) or 'no SDPA'}")
         if self.decisions_differ is not None:
             text += f"; choices differing from the reference's own: {self.decisions_differ:.1%} (replayed)"
         return text
@@ -647,7 +649,8 @@ def swin_vs_timm(device: torch.device, batch: int = 64, img: int = 224, reps: in
                         reps, warmup)
     ips = {f"{k}|{n}": batch / median(t[n]) for k, t in (("train", train), ("infer", infer)) for n in t}
     mode = "both compiled" if compiled else "eager"
-    return (f"{img}², batch {batch}, bf16 autocast, {mode}, median of {reps}: train ours {ips['train|ours']:.0f} img/s, "
+    return (f"{img}², batch {batch}, bf16 autocast, {mode}, median of {reps}: "
+            f"train ours {ips['train|ours']:.0f} img/s, "
             f"timm {ips['train|timm']:.0f} img/s ({ips['train|ours'] / ips['train|timm']:.2f}x); "
             f"inference ours {ips['infer|ours']:.0f}, timm {ips['infer|timm']:.0f} "
             f"({ips['infer|ours'] / ips['infer|timm']:.2f}x)")
@@ -661,7 +664,8 @@ def attention_time(device: torch.device, size: int, batch: Optional[int] = None,
     """Neighborhood vs window forward + backward (``bench attention``'s kernels and shapes, bias
     included) at ``size``², bf16 autocast, interleaved; median ms and the ratio."""
     from vision_attn.attention.rel_pos import bias_grid
-    from vision_attn.bench.attention import HEAD_DIM, HEADS as B_HEADS, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEAD_DIM, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEADS as B_HEADS
 
     batch = batch or max(1, TOKENS_PER_BATCH // size**2)
     torch.manual_seed(0)
@@ -793,7 +797,8 @@ DILATIONS = (2, 3, 4, 5, 6, 7, 8)
 def dilated_vs_neighborhood(ctx: Ctx) -> str:
     """Row: dilated (d = 2..8) / neighborhood attention fwd+bwd with bias, 56², ~1M tokens, auto routes."""
     from vision_attn.attention.rel_pos import bias_grid
-    from vision_attn.bench.attention import HEAD_DIM, HEADS as B_HEADS, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEAD_DIM, KERNEL, kernel_for
+    from vision_attn.bench.attention import HEADS as B_HEADS
 
     size = 14 if ctx.quick else 56
     batch = 1 if ctx.quick else max(1, TOKENS_PER_BATCH // size**2)
@@ -1092,7 +1097,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device("cuda") if has_cuda else CPU
     selected = select(parser, checks(device), PERF if args.perf else args.only)
     if args.list:
-        print(markdown_table(["check", "setting", "device"], [[c.name, c.setting, c.where(has_cuda)] for c in selected]))
+        print(markdown_table(["check", "setting", "device"],
+                             [[c.name, c.setting, c.where(has_cuda)] for c in selected]))
         return 0
     ctx = Ctx(device, quick=not has_cuda if args.quick is None else args.quick, tol_scale=args.tol_scale)
     with intra_op_threads((0 if has_cuda else 1) if args.threads is None else args.threads):

@@ -105,5 +105,6 @@ def main(argv: list[str]) -> int:
     if args.attention_share:
         t_ours, t_skip = median(train_times["vision_attn swin|train"]), median(train_times[skipped])
         print(f"\nattention share of our training step: {1 - t_skip / t_ours:.1%}; with attention free, "
-              f"ours would train at {base_train / t_skip:.3f}x timm (attention skipped: {args.batch / t_skip:.1f} img/s)")
+              f"ours would train at {base_train / t_skip:.3f}x timm "
+              f"(attention skipped: {args.batch / t_skip:.1f} img/s)")
     return 0

@@ -72,7 +72,8 @@ def resolve_ckpt_path(ckpt_path: Optional[str], resume: bool, run_dir: str,
     last = os.path.join(run_dir, "checkpoints", LAST)
     if ckpt_path and is_remote(ckpt_path):
         raise ConfigError(f"ckpt_path={ckpt_path}: remote checkpoints are not loaded (a checkpoint runs code when "
-                          "unpickled); download it yourself (e.g. curl -o model.ckpt <url>) and pass ckpt_path=model.ckpt")
+                          "unpickled); download it yourself (e.g. curl -o model.ckpt <url>) "
+                          "and pass ckpt_path=model.ckpt")
     if resume and ckpt_path not in (None, "last"):
         raise ConfigError(f"resume=true and ckpt_path={ckpt_path}: give one of them")
     if ckpt_path in ("best", "hpc"):
@@ -93,7 +94,8 @@ def resolve_ckpt_path(ckpt_path: Optional[str], resume: bool, run_dir: str,
     chosen, skipped = newest_valid_checkpoint(candidates)  # each invalid file: a warning
     if chosen is not None:
         if requeued:
-            log.info(f"requeued SLURM job (SLURM_RESTART_COUNT={env.get('SLURM_RESTART_COUNT')}): resuming from {chosen}")
+            log.info(f"requeued SLURM job (SLURM_RESTART_COUNT={env.get('SLURM_RESTART_COUNT')}): "
+                     f"resuming from {chosen}")
         return chosen
     key = "resume=true" if resume else "ckpt_path=last" if from_run else f"requeued job (ckpt_path={ckpt_path})"
     if skipped:
