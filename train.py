@@ -96,7 +96,8 @@ def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[flo
     if cfg.test_after_fit:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         with guard.during("test"):
-            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+            results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False,
+                                   weights_only=True)
         metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     log.info("final metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items()) if "/" in k))
     if trainer.is_global_zero:

@@ -126,7 +126,6 @@ def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
     from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
-    from conftest import ROOT
     from vision_attn.run import instantiate_group
 
     for decay, expected in ((None, 0), (0.99, 1)):

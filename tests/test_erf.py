@@ -241,7 +241,8 @@ def test_bench_from_a_lightning_checkpoint(tmp_path):
     assert trained.weights == "ckpt last.ckpt"
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     model = trained.build(48, seed=0)
-    torch.testing.assert_close(model.layers[0].blocks[0].attn.proj.weight, state["model.layers.0.blocks.0.attn.proj.weight"])
+    torch.testing.assert_close(model.layers[0].blocks[0].attn.proj.weight,
+                               state["model.layers.0.blocks.0.attn.proj.weight"])
     rows = bench.run([init, trained], [48], 1, 1, 0, log=False)
     a, b = rows[0], rows[4]  # stage 1 of each
     assert (a.weights, b.weights) == ("init", "ckpt last.ckpt")

@@ -45,7 +45,8 @@ def log_sigterm_in_fit(trainer: L.Trainer, callbacks: list[Any], run_dir: str) -
     """One line: where a SIGTERM in fit left the checkpoint, and the command that resumes."""
     saved = [cb.sigterm_checkpoint for cb in callbacks if isinstance(cb, FaultTolerance) and cb.sigterm_checkpoint]
     last = os.path.join(run_dir, "checkpoints", "last.ckpt")
-    where = f"saved {saved[0]}" if saved else (f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
+    where = (f"saved {saved[0]}" if saved else
+             f"last checkpoint {last}" if os.path.isfile(last) else "no checkpoint written")
     log.warning(f"SIGTERM: stopped at step {trainer.global_step}, {where}; "
                 f"resume with: python train.py hydra.run.dir={run_dir} resume=true")
 
@@ -86,10 +87,12 @@ def dataset_num_classes(cfg: DictConfig, datamodule: Any) -> int:
         datamodule.setup("fit")
         num_classes = getattr(datamodule, "num_classes", None)
     if num_classes is None:
-        raise ConfigError(f"data.num_classes is null and {type(datamodule).__name__} does not count its classes: set it")
+        raise ConfigError(f"data.num_classes is null and {type(datamodule).__name__} does not count its classes: "
+                          "set it")
     given = cfg.module.get("num_classes")
     if given is not None and given != num_classes:
-        raise ConfigError(f"module.num_classes={given} but the data has {num_classes} classes; leave it ${{data.num_classes}}")
+        raise ConfigError(f"module.num_classes={given} but the data has {num_classes} classes; "
+                          "leave it ${data.num_classes}")
     return int(num_classes)
 
 

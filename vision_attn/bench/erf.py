@@ -61,8 +61,9 @@ class StageERF:
 
     @property
     def support_px(self) -> str:
-        t, l, b, r = self.support
-        return "whole image" if (t, l, b, r) == (0, 0, self.img, self.img) else f"{b - t}x{r - l}"
+        top, left, bottom, right = self.support
+        whole = (top, left, bottom, right) == (0, 0, self.img, self.img)
+        return "whole image" if whole else f"{bottom - top}x{right - left}"
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -80,6 +81,7 @@ def photo_batch(n: int, size: int) -> torch.Tensor:
     ``i mod P``: its centred square crop, shrunk by 0.8 per further round and mirrored on odd rounds."""
     from PIL import Image
     from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     from data.photos import photo
 
     names, out = photo_names(), []
