@@ -85,11 +85,12 @@ def _band_mask(kind: int, cx: float, cy: float, r: float, yy: np.ndarray, xx: np
 
 def _paint(rng: np.random.Generator, size: int, shapes: Sequence[Shape]) -> np.ndarray:
     """Background (tinted noise) and the ``shapes`` ``(kind, cx, cy, r, base colour)``, drawn into a
-    uint8 ``(S, S, 3)`` image one band of rows at a time: memory is the image plus one band."""
+    uint8 image one band of rows at a time: memory is the image plus one band. The image is stored
+    channel-first (what the dataset yields, without a copy) and returned as its ``(S, S, 3)`` view."""
     oy, ox = (int(v) for v in rng.integers(0, size, 2))
     tint = rng.uniform(0, 80, 3).astype(np.float32)
     colours = [base + rng.uniform(-25, 25, 3) for *_, base in shapes]
-    out = np.empty((size, size, 3), np.uint8)
+    out = np.empty((3, size, size), np.uint8)
     band = max(1, BAND_BYTES // (2 * size * 3 * 8))  # the float64 draw of a streamed band is the largest
     xx = np.arange(size, dtype=np.float32) + 0.5
     for r0, noise in zip(range(0, size, band), _noise_rows(size, oy, ox, band)):
@@ -98,8 +99,8 @@ def _paint(rng: np.random.Generator, size: int, shapes: Sequence[Shape]) -> np.n
         for (kind, cx, cy, r, _), colour in zip(shapes, colours):
             img[_band_mask(kind, cx, cy, r, yy, xx)] = colour
         np.clip(img, 0, 255, out=img)
-        out[r0 : r0 + len(img)] = img  # float32 -> uint8, as astype
-    return out
+        out[:, r0 : r0 + len(img)] = img.transpose(2, 0, 1)  # float32 -> uint8, as astype
+    return out.transpose(1, 2, 0)
 
 
 def _layout(rng: np.random.Generator, label: int, size: int, sectors: int = 8,
@@ -143,9 +144,11 @@ class ShapesDataset(Dataset):
     """``length`` procedurally rendered images of one split, uint8 ``(3, S, S)`` tensors.
 
     Rendered images are kept in memory (``cache=True``): they are a pure function of the
-    index, so later epochs cost nothing.
+    index, so later epochs cost nothing. Images over ``CACHE_MAX_IMAGE_BYTES`` (larger than
+    about 2364²) are drawn again each time instead, so memory stays one image, not the split.
     """
 
+    CACHE_MAX_IMAGE_BYTES = 16 * 2**20
     classes = CLASSES
     render = staticmethod(render)  # (seed, split, index, size) -> (uint8 HWC image, label)
 
@@ -158,6 +161,7 @@ class ShapesDataset(Dataset):
                 raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
             self.classes, self.render = TASKS[task], partial(render, task=task)
         self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        cache = cache and 3 * image_size**2 <= self.CACHE_MAX_IMAGE_BYTES
         self.cache: dict[int, tuple[torch.Tensor, int]] | None = {} if cache else None
 
     def __len__(self) -> int:
