@@ -110,7 +110,7 @@ class BaseDataModule(L.LightningDataModule):
         """Whether uint8 batches go to the model as they are, to be normalised there tile by tile
         (``normalizes_tiles``: tile streams, no float copy of the whole image); never where batch
         augmentation (erasing, Mixup/CutMix) needs the float batch."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
+        module = getattr(self.trainer, "lightning_module", None)
         if not getattr(module, "normalizes_tiles", False):
             return False
         return not (training and self.batch_augment.active)
