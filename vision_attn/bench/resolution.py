@@ -14,7 +14,8 @@ step of ``bench knobs``) at each resolution in turn, smallest first.
   that point (``data=shapes``, batch 1, one training step, one test batch:
   :func:`train_command`), read from the child's own rusage (``ru_maxrss``, ``os.wait4``, as
   ``/usr/bin/time -f %M`` reads it): data
-  drawing, loading, the Lightning loop and the model together. It runs only where the step ran;
+  drawing, loading, the Lightning loop and the model together, from the start of ``fit`` (the
+  ``PeakMemory`` callback resets the kernel's high-water mark there). It runs only where the step ran;
   ``--no-whole-process`` leaves it out. On CUDA it is host memory (the step's figure is the device's). Time: one untimed warm-up step, then the median of up
   to ``--reps`` steps (fewer where steps are slow: timing stops once half of
   ``--max-seconds-per-point`` is spent, after at least one step).
