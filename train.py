@@ -32,6 +32,7 @@ from vision_attn.errors import ConfigError, TrainingDiverged, config_error_in
 from vision_attn.files import atomic_write_json
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance, SigtermGuard, Terminated, resolve_ckpt_path
 from vision_attn.loggers import read_run_id, write_run_id
+from vision_attn.memory import return_freed_memory
 
 log = logging.getLogger("train")
 
@@ -163,6 +164,8 @@ def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[flo
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), bool(cfg.get("resume", False)), run_dir)
     resuming = ckpt_path not in (None, "best", "hpc")
     wandb_id = read_run_id(os.path.dirname(ckpt_path), os.path.dirname(os.path.dirname(ckpt_path))) if resuming else None
+    if cfg.model.get("tile_size"):  # tile streams: memory must stay one tile, not grow with the image
+        return_freed_memory()
     datamodule = instantiate(cfg.data)
     num_classes = dataset_num_classes(cfg, datamodule)
     module = instantiate(cfg.module, num_classes=num_classes)
