@@ -38,6 +38,7 @@ from vision_attn.run import (
     wandb_run_to_continue,
     write_results,
 )
+from vision_attn.memory import return_freed_memory
 
 log = logging.getLogger("train")
 

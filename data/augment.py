@@ -192,6 +192,11 @@ class BatchAugment:
                 num_classes=self.num_classes,
             )
 
+    @property
+    def active(self) -> bool:
+        """Whether it changes batches at all (random erasing or Mixup/CutMix on)."""
+        return self.erasing is not None or self.mixup is not None
+
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.erasing is not None:
             self.erasing.device = images.device

@@ -39,6 +39,9 @@ class BaseDataModule(L.LightningDataModule):
     training device, after the transfer (4x less host-to-device traffic). Training batches then
     get the batch-level part of ``data.augment`` (random erasing, Mixup/CutMix: see
     :mod:`data.augment`); with Mixup/CutMix the targets become soft ``(B, num_classes)`` rows.
+    A model that runs tiles (``model.tile_size``) gets the uint8 batch itself and normalises each
+    tile with :meth:`normalize` (unless batch augmentation is on), so the whole image never
+    exists as floats.
     """
 
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -101,10 +104,21 @@ class BaseDataModule(L.LightningDataModule):
         if torch.is_tensor(batch):  # the module's example_input_array (Lightning's summary table)
             return batch
         images, targets = batch
-        images = self.normalize(images)
-        if self.trainer is not None and self.trainer.training:
+        training = self.trainer is not None and self.trainer.training
+        if not (images.dtype == torch.uint8 and self._model_normalizes(training)):
+            images = self.normalize(images)
+        if training:
             images, targets = self.batch_augment(images, targets)
         return images, targets
+
+    def _model_normalizes(self, training: bool) -> bool:
+        """Whether uint8 batches go to the model as they are, to be normalised there tile by tile
+        (``normalizes_tiles``: tile streams, no float copy of the whole image); never where batch
+        augmentation (erasing, Mixup/CutMix) needs the float batch."""
+        module = getattr(self.trainer, "lightning_module", None)
+        if not getattr(module, "normalizes_tiles", False):
+            return False
+        return not (training and self.batch_augment.active)
 
     def train_dataloader(self) -> DataLoader:
         # Seeded, rank-aware and stateful: a run resumed mid-epoch continues at the next batch,

@@ -125,13 +125,18 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     ``I;16*`` modes use the full 16-bit range. ``I``/``F`` images are scaled by the range their
     values occupy: <= 1.0 (float), <= 255 (8-bit data), otherwise 16-bit.
     """
-    arr = np.asarray(img).astype(np.float64)
+    arr = np.asarray(img)
     if img.mode.startswith("I;16"):
         top = 65535.0
     else:
         peak = float(arr.max()) if arr.size else 0.0
         top = 1.0 if (img.mode == "F" and peak <= 1.0) else 255.0 if peak <= 255.0 else 65535.0
-    return Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    out = np.empty(arr.shape, np.uint8)
+    rows = max(1, 2**20 // max(1, arr.shape[1] if arr.ndim > 1 else 1))  # ~8 MB of float64 at a time
+    for r0 in range(0, len(arr), rows):  # in bands of rows: no float64 copy of the whole image
+        band = arr[r0 : r0 + rows].astype(np.float64)
+        out[r0 : r0 + rows] = np.clip(np.rint(band * (255.0 / top)), 0, 255)
+    return Image.fromarray(out, "L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

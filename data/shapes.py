@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache, partial
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -36,18 +37,70 @@ SPREAD = {"direction": 15.0, "side": 60.0}  # degrees either side of a sector's 
 PALETTE = ((220, 60, 40), (40, 90, 220), (60, 190, 70), (230, 200, 50))  # red, blue, green, yellow
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MEAN, STD = (0.175, 0.165, 0.175), (0.15, 0.10, 0.15)  # measured over 2000 images
+BAND_BYTES = 16 * 2**20  # working memory of one band of rows (its float64 noise draw); the rest is the uint8 image
+BANK_CACHE_BYTES = 64 * 2**20  # noise banks up to this size (S <= 1182) are kept; larger ones are streamed
+Shape = tuple[int, float, float, float, Sequence[int]]  # kind (0 disk, 1 square), cx, cy, r, base colour
 
 
-@lru_cache(maxsize=8)
-def _pixel_grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    return yy, xx
+def _bank_bytes(size: int) -> int:
+    """Bytes of the float32 noise bank of ``size``."""
+    return (2 * size) ** 2 * 3 * 4
 
 
 @lru_cache(maxsize=8)
 def _noise_bank(size: int) -> np.ndarray:
     """A fixed ``(2S, 2S, 3)`` Gaussian noise texture; each image crops it at a random offset."""
     return np.random.default_rng(12345).normal(0, 12, (2 * size, 2 * size, 3)).astype(np.float32)
+
+
+def _noise_rows(size: int, oy: int, ox: int, band: int) -> Iterator[np.ndarray]:
+    """The bank's crop ``[oy : oy + S, ox : ox + S]``, ``band`` rows at a time (float32).
+
+    Small banks come from the cache; large ones are drawn again row by row from the same stream
+    (the same values: the generator's normals do not depend on how the draws are split), keeping
+    only ``band`` rows in memory instead of the ``48 S^2``-byte bank (and its float64 draw)."""
+    if _bank_bytes(size) <= BANK_CACHE_BYTES:
+        bank = _noise_bank(size)
+        for r0 in range(0, size, band):
+            yield bank[oy + r0 : oy + min(r0 + band, size), ox : ox + size]
+        return
+    rng = np.random.default_rng(12345)
+    skip = oy
+    while skip:  # rows above the crop: drawn (the stream is sequential) and dropped
+        n = min(skip, band)
+        rng.normal(0, 12, (n, 2 * size, 3))
+        skip -= n
+    for r0 in range(0, size, band):
+        n = min(band, size - r0)
+        yield rng.normal(0, 12, (n, 2 * size, 3))[:, ox : ox + size].astype(np.float32)
+
+
+def _band_mask(kind: int, cx: float, cy: float, r: float, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """Pixels of a disk (``kind`` 0) or a square (1) centred at ``(cx, cy)``; ``yy`` a column and
+    ``xx`` a row of float32 pixel centres (broadcast: the same float32 arithmetic as a full grid)."""
+    if kind == 0:
+        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+    return np.maximum(np.abs(xx - cx), np.abs(yy - cy)) <= r * 0.9
+
+
+def _paint(rng: np.random.Generator, size: int, shapes: Sequence[Shape]) -> np.ndarray:
+    """Background (tinted noise) and the ``shapes`` ``(kind, cx, cy, r, base colour)``, drawn into a
+    uint8 image one band of rows at a time: memory is the image plus one band. The image is stored
+    channel-first (what the dataset yields, without a copy) and returned as its ``(S, S, 3)`` view."""
+    oy, ox = (int(v) for v in rng.integers(0, size, 2))
+    tint = rng.uniform(0, 80, 3).astype(np.float32)
+    colours = [base + rng.uniform(-25, 25, 3) for *_, base in shapes]
+    out = np.empty((3, size, size), np.uint8)
+    band = max(1, BAND_BYTES // (2 * size * 3 * 8))  # the float64 draw of a streamed band is the largest
+    xx = np.arange(size, dtype=np.float32) + 0.5
+    for r0, noise in zip(range(0, size, band), _noise_rows(size, oy, ox, band)):
+        img = tint + noise
+        yy = (np.arange(r0, r0 + len(img), dtype=np.float32) + 0.5)[:, None]
+        for (kind, cx, cy, r, _), colour in zip(shapes, colours):
+            img[_band_mask(kind, cx, cy, r, yy, xx)] = colour
+        np.clip(img, 0, 255, out=img)
+        out[:, r0 : r0 + len(img)] = img.transpose(2, 0, 1)  # float32 -> uint8, as astype
+    return out.transpose(1, 2, 0)
 
 
 def _layout(rng: np.random.Generator, label: int, size: int, sectors: int = 8,
@@ -64,19 +117,6 @@ def _layout(rng: np.random.Generator, label: int, size: int, sectors: int = 8,
             return ax, ay, bx, by, radius
 
 
-def _mask(kind: int, cx: float, cy: float, r: float, size: int) -> np.ndarray:
-    """Pixels of a disk (``kind`` 0) or a square (1) centred at ``(cx, cy)``."""
-    yy, xx = _pixel_grid(size)
-    if kind == 0:
-        return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
-    return np.maximum(np.abs(xx - cx), np.abs(yy - cy)) <= r * 0.9
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    oy, ox = rng.integers(0, size, 2)
-    return rng.uniform(0, 80, 3).astype(np.float32) + _noise_bank(size)[oy : oy + size, ox : ox + size]
-
-
 def render(seed: int, split: str, index: int, size: int, task: str = "direction") -> tuple[np.ndarray, int]:
     """Render image ``index`` of ``split`` as uint8 ``(size, size, 3)`` and its label (``task``: see above)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
@@ -85,10 +125,7 @@ def render(seed: int, split: str, index: int, size: int, task: str = "direction"
     classes = TASKS[task]
     label = int(rng.integers(len(classes)))
     ax, ay, bx, by, r = _layout(rng, label, size, len(classes), SPREAD[task])
-    img = _background(rng, size)
-    img[_mask(0, ax, ay, r, size)] = (220, 60, 40) + rng.uniform(-25, 25, 3)
-    img[_mask(1, bx, by, r, size)] = (40, 90, 220) + rng.uniform(-25, 25, 3)
-    return np.clip(img, 0, 255).astype(np.uint8), label
+    return _paint(rng, size, [(0, ax, ay, r, (220, 60, 40)), (1, bx, by, r, (40, 90, 220))]), label
 
 
 def _render_match(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]:
@@ -100,19 +137,18 @@ def _render_match(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]
     shape_a = int(rng.integers(2))
     shape_b = 1 - shape_a if other_shape else shape_a
     ax, ay, bx, by, r = _layout(rng, int(rng.integers(len(CLASSES))), size)
-    img = _background(rng, size)
-    for shape, colour, cx, cy in ((shape_a, colour_a, ax, ay), (shape_b, colour_b, bx, by)):
-        img[_mask(shape, cx, cy, r, size)] = PALETTE[colour] + rng.uniform(-25, 25, 3)
-    return np.clip(img, 0, 255).astype(np.uint8), label
+    return _paint(rng, size, [(shape_a, ax, ay, r, PALETTE[colour_a]), (shape_b, bx, by, r, PALETTE[colour_b])]), label
 
 
 class ShapesDataset(Dataset):
     """``length`` procedurally rendered images of one split, uint8 ``(3, S, S)`` tensors.
 
     Rendered images are kept in memory (``cache=True``): they are a pure function of the
-    index, so later epochs cost nothing.
+    index, so later epochs cost nothing. Images over ``CACHE_MAX_IMAGE_BYTES`` (larger than
+    about 2364²) are drawn again each time instead, so memory stays one image, not the split.
     """
 
+    CACHE_MAX_IMAGE_BYTES = 16 * 2**20
     classes = CLASSES
     render = staticmethod(render)  # (seed, split, index, size) -> (uint8 HWC image, label)
 
@@ -125,6 +161,7 @@ class ShapesDataset(Dataset):
                 raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
             self.classes, self.render = TASKS[task], partial(render, task=task)
         self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        cache = cache and 3 * image_size**2 <= self.CACHE_MAX_IMAGE_BYTES
         self.cache: dict[int, tuple[torch.Tensor, int]] | None = {} if cache else None
 
     def __len__(self) -> int:

@@ -77,7 +77,8 @@ def test_real_tiny_run_measures_in_subprocesses_and_skips_by_prediction(tmp_path
     # 64²). 2048² is predicted above the 2.5 GB budget (the step's growth above the resting memory,
     # measured 40-60 MB at 256², extrapolated at least linearly: 64x) and skipped, not run.
     argv = ["--variants", "swin", "swin_local", "--size", "pico", "--resolutions", "64", "256", "2048",
-            "--ckpt", "off", "--reps", "1", "--mem-budget-gb", "2.5", "--threads", "1", "--out", str(tmp_path)]
+            "--ckpt", "off", "--reps", "1", "--mem-budget-gb", "2.5", "--threads", "1", "--out", str(tmp_path),
+            "--no-whole-process"]  # (the train.py runs: test_whole_process_point_runs_train_py)
     assert bench.main(argv) == 0
     md = (tmp_path / "resolution.md").read_text()
     assert (tmp_path / "resolution.png").stat().st_size > 10_000
@@ -109,7 +110,7 @@ def test_tiled_series_pass_their_tiles_to_the_child_and_get_their_own_rows(monke
 
     monkeypatch.setattr(bench.subprocess, "run", lambda cmd, **kw: seen.append(cmd) or Done())
     argv = ["--variants", "swin_local", "--resolutions", "256", "--ckpt", "off", "--tile-size", "64",
-            "--memory-tokens", "8", "--mem-budget-gb", "4", "--out", str(tmp_path)]
+            "--memory-tokens", "8", "--mem-budget-gb", "4", "--out", str(tmp_path), "--no-whole-process"]
     assert bench.main(argv) == 0
     seen = [c for c in seen if "--point" in c]  # (machine() runs commands too)
     assert [c[c.index("--point") + 1:c.index("--point") + 5] for c in seen] == [["swin_local", "pico", "256", "0"]] * 2
@@ -135,3 +136,38 @@ def test_tiled_point_builds_a_tiled_model(monkeypatch):
     monkeypatch.setattr(knobs, "make_step", spy)
     out = bench.measure_here("swin_local", "pico", 64, False, 1, "cpu", 60.0, tile_size=32, memory_tokens=2)
     assert built == dict(tile_size=32, memory_tokens=2) and out["step_s"] > 0
+
+
+def test_child_peak_is_that_childs_own_resident_set():
+    import sys
+
+    grow = "import numpy as np; a = np.ones(300 * 2**20, np.uint8); print(a.sum())"
+    mb, why = bench.child_peak_mb([sys.executable, "-c", grow], 60)
+    assert why is None and 300 < mb < 600, mb
+    mb, why = bench.child_peak_mb([sys.executable, "-c", "raise SystemExit('nope')"], 60)
+    assert mb is None and why == "train.py failed: nope"
+
+
+def test_whole_process_figure_sits_beside_the_steps_in_the_table():
+    p = point(256, 100)
+    assert bench.cell(p) == "600 MB / 0.10 s"
+    p.process_mb = 1234.4
+    assert bench.cell(p) == "600 MB (train.py 1234 MB) / 0.10 s"
+    p.process_mb, p.process_skip = None, "train.py failed: boom"
+    assert bench.cell(p) == "600 MB (train.py failed: boom) / 0.10 s"
+    cmd = bench.train_command("swin_local", "pico", 4096, True, "cpu", "/tmp/x", tile=512, memory=8)
+    for arg in ("model=swin_local", "model.grad_checkpointing=true", "model.tile_size=512", "model.memory_tokens=8",
+                "data.image_size=4096", "data.batch_size=1", "trainer.max_steps=1", "logger=none", "hydra.run.dir=/tmp/x"):
+        assert arg in cmd
+
+
+@pytest.mark.slow  # a train.py run beside the step's point: ~40 s on a quiet 2-core host
+def test_whole_process_point_runs_train_py(tmp_path):
+    argv = ["--variants", "swin_local", "--size", "pico", "--resolutions", "64", "--ckpt", "on", "--reps", "1",
+            "--tile-size", "32", "--memory-tokens", "2", "--threads", "1", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    md = (tmp_path / "resolution.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| swin_local, tiles 32 + 2 memory | yes |"))
+    step, rest = row.split("|")[3].strip().split(" MB (train.py ")
+    process = float(rest.split(" MB)")[0])
+    assert 200 < float(step) < 4000 and 500 < process < 4000, row  # a whole Lightning process: > 0.5 GB

@@ -12,7 +12,7 @@ from .attention import AttnSpec, backends
 from .blocks import Stage
 from .errors import ConfigError
 from .stems import create_stem
-from .tiling import run_tiles
+from .tiling import Prepare, run_tiles
 
 IntOrSeq = Union[int, Sequence[int]]
 WindowArg = Union[int, Sequence[Union[int, Sequence[int]]]]
@@ -256,21 +256,23 @@ class VisionAttnTransformer(nn.Module):
         """Whether images run as a tile stream (``tile_size`` or ``memory_tokens`` set)."""
         return bool(self.tile_size or self.memory_tokens)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, prepare: Optional[Prepare] = None) -> torch.Tensor:
         """``(B, C, H, W)`` image -> normed ``(B, h, w, C)`` final feature map.
 
         Tile streams (:mod:`vision_attn.tiling`) have no single map: they return the pooled
-        features (and final memory) as a ``(B, 1, 1, head_hidden_size)`` map.
+        features (and final memory) as a ``(B, 1, 1, head_hidden_size)`` map. ``prepare``: applied
+        to the input first (e.g. uint8 -> normalised float); tile streams apply it per tile.
         """
         if self.streams:
-            return self._forward_stream(x)
-        return self.norm(self.layers(self.patch_embed(x)))
+            return self._forward_stream(x, prepare)
+        return self.norm(self.layers(self.patch_embed(x if prepare is None else prepare(x))))
 
-    def _forward_stream(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stream(self, x: torch.Tensor, prepare: Optional[Prepare] = None) -> torch.Tensor:
         """Tiles in raster order, each reading and writing every stage's memory (see tiling.py)."""
         B, _, H, W = x.shape
         memory = [stage.initial_memory(B) for stage in self.layers] if self.memory_tokens else []
-        pooled, memory = run_tiles(x, self.tile_size or max(H, W), self._forward_tile, memory, self.memory_bptt)
+        pooled, memory = run_tiles(x, self.tile_size or max(H, W), self._forward_tile, memory, self.memory_bptt,
+                                   prepare=prepare)
         if self.memory_tokens:
             pooled = torch.cat([pooled, self.norm(memory[-1]).mean(1)], -1)
         return pooled[:, None, None, :]
@@ -291,8 +293,8 @@ class VisionAttnTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, prepare: Optional[Prepare] = None) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x, prepare))
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -160,13 +160,14 @@ class ImageLogger(L.Callback):
         images, targets = self._batch
         dm = trainer.datamodule
         classes = list(getattr(dm, "classes", [])) or [str(i) for i in range(pl_module.model.num_classes)]
+        raw = images.dtype == torch.uint8  # a tile stream's batch: normalised tile by tile in the model
         was_training = pl_module.training
         pl_module.eval()
         with torch.no_grad():
             preds = pl_module(images).argmax(-1)
-            maps, points = learned_maps(pl_module.model, images)
+            maps, points = learned_maps(pl_module.model, images, prepare=dm.normalize if raw else None)
         pl_module.train(was_training)
-        pixels = denormalize(images, dm.mean, dm.std)
+        pixels = images.permute(0, 2, 3, 1).cpu().numpy() if raw else denormalize(images, dm.mean, dm.std)
         log_image(trainer, "val/predictions", prediction_grid(pixels, targets.tolist(), preds.tolist(), classes),
                   self.out_dir, "true → predicted")
         log_image(trainer, "attention/learned", attention_figure(pixels[0], maps, points, "learned stage-1 attention"),

@@ -2,6 +2,7 @@
 resident set (Linux ``/proc/self/status`` ``VmHWM``, reset through ``/proc/self/clear_refs``)."""
 from __future__ import annotations
 
+import ctypes
 import resource
 from typing import Optional
 
@@ -50,3 +51,18 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return cpu_peak_kib() / 1024
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_freed_memory(threshold: int = 64 * 1024) -> bool:
+    """Have glibc serve allocations of ``threshold`` bytes and more with ``mmap``, so freed tensors go
+    back to the OS at once. glibc's own threshold rises to the largest chunk freed so far (up to
+    32 MB): tile-sized activations then come from the heap, which keeps what they free and grows
+    with the image (+0.7 GB at 4096², 512 px tiles). A fixed threshold, as ``bench`` runs use
+    (``MALLOC_MMAP_THRESHOLD_``). False where glibc's ``mallopt`` is unavailable."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -14,9 +14,9 @@ from timm.scheduler import CosineLRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 
 from .errors import TrainingDiverged
-from .summary import summarize
 from . import lightning_compat as compat
 from .factory import create_model
+from .summary import summarize, zeros_image
 
 
 class ClassificationModule(L.LightningModule):
@@ -72,7 +72,7 @@ class ClassificationModule(L.LightningModule):
         self._top_ks = sorted({1, top5})
         self.img_size, self.in_chans = img_size, int(model.get("in_chans", 3))
         if not compile_model:  # Lightning's summary table then shows per-module FLOPs and in/out sizes
-            self.example_input_array = torch.zeros(1, self.in_chans, img_size, img_size)
+            self.example_input_array = zeros_image(self.in_chans, img_size)
 
     def setup(self, stage: str) -> None:
         """Print and log the model summary (params, GFLOPs at the training resolution)."""
@@ -97,10 +97,25 @@ class ClassificationModule(L.LightningModule):
         batch = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
         return trainer.strategy.root_device.type, dtype, int(batch or 1)
 
+    @property
+    def normalizes_tiles(self) -> bool:
+        """Whether uint8 batches come in as they are and are normalised tile by tile in the model
+        (eager tile streams, :mod:`vision_attn.tiling`): no float copy of the whole image."""
+        return bool(getattr(self.model, "streams", False)) and self._compiled is None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if x.dtype == torch.uint8 and self.normalizes_tiles:
+            return self.model(x, prepare=self._normalize())
         return (self.model if self._compiled is None else self._compiled)(x)
+
+    def _normalize(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The datamodule's uint8 -> float normalisation (applied to each tile)."""
+        normalize = getattr(self._trainer.datamodule if self._trainer is not None else None, "normalize", None)
+        if normalize is None:
+            raise ValueError("uint8 images need the datamodule's normalize (mean/std): pass floats or a datamodule")
+        return normalize
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, targets = batch

@@ -48,13 +48,21 @@ class ModelSummary:
                 "(multiply-adds, the papers' convention; Lightning's table counts 2 FLOPs each)" + stages)
 
 
+def zeros_image(in_chans: int, img_size: int | tuple[int, int], device: torch.device | str | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A ``(1, C, H, W)`` zero image that takes no memory (one zero per channel, expanded with
+    stride 0): tile streams then only materialise one tile of it."""
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    return torch.zeros(1, in_chans, 1, 1, device=device, dtype=dtype).expand(1, in_chans, h, w)
+
+
 def summarize(model: nn.Module, img_size: int | tuple[int, int], in_chans: int = 3, device: str = "cpu",
               dtype: torch.dtype = torch.float32, batch: int = 1) -> ModelSummary:
     """Count parameters and forward FLOPs for one image (torch's flop counter, eval mode), and the
     kernel route each stage takes in a training step on ``device`` in ``dtype`` at ``batch``."""
     h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     param = next(model.parameters())
-    x = torch.zeros(1, in_chans, h, w, device=param.device, dtype=param.dtype)
+    x = zeros_image(in_chans, (h, w), param.device, param.dtype)
     was_training = model.training
     model.eval()
     # Routed attention kernels count their exact work (k*k keys per query, the window), not what a

@@ -21,6 +21,9 @@ checkpoint taken between any two batches resumes exactly.
 * While gradients are on, every tile runs under activation checkpointing: the step keeps one
   tile's activations at a time (its forward is recomputed in backward), so peak memory is bounded
   by a tile, not by the image.
+* Input: the image may stay uint8 with a ``prepare`` function (the data's normalisation) applied
+  to each tile inside its checkpointed forward, so no float copy of the whole image exists: memory
+  is the image's own bytes plus one tile's activations.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 Box = tuple[int, int, int, int]  # top, left, bottom, right (pixels, exclusive ends)
 TileFn = Callable[..., tuple[torch.Tensor, tuple[torch.Tensor, ...]]]
+Prepare = Callable[[torch.Tensor], torch.Tensor]  # a tile image -> the model's input (e.g. uint8 -> normalised)
 POSITION_BANDS = 4  # frequencies 1, 2, 4, 8 (times pi) per axis: 16 features
 
 
@@ -58,10 +62,12 @@ def run_tiles(
     memory: Sequence[torch.Tensor],
     bptt: Optional[int] = None,
     checkpoint_tiles: bool = True,
+    prepare: Optional[Prepare] = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Run ``tile_fn(tile_image, position, *memory) -> (pooled (B, F), new memory)`` over the tiles.
 
-    ``position`` is the tile's :func:`position_features`.
+    ``position`` is the tile's :func:`position_features`. ``prepare``: applied to each tile's crop
+    first (e.g. uint8 -> normalised float), inside the checkpoint, so only the crop is kept.
 
     Returns the area-weighted mean of the pooled features and the memory after the last tile.
     ``bptt``: detach the memory every ``bptt`` tiles (None = full backpropagation through tiles).
@@ -72,15 +78,26 @@ def run_tiles(
     memory = tuple(memory)
     pooled_sum: Optional[torch.Tensor] = None
     use_ckpt = checkpoint_tiles and torch.is_grad_enabled() and len(boxes) > 1
+    run = tile_fn if prepare is None else _prepared(tile_fn, prepare)
+    dtype = image.dtype if image.is_floating_point() else torch.get_default_dtype()
     for t, (top, left, bottom, right) in enumerate(boxes):
         if bptt and t and t % bptt == 0:
             memory = tuple(m.detach() for m in memory)
         crop = image[..., top:bottom, left:right]
-        where = position_features((top, left, bottom, right), H, W, image.device).to(image.dtype)
+        where = position_features((top, left, bottom, right), H, W, image.device).to(dtype)
         if use_ckpt:
-            pooled, memory = checkpoint(tile_fn, crop, where, *memory, use_reentrant=False)
+            pooled, memory = checkpoint(run, crop, where, *memory, use_reentrant=False)
         else:
-            pooled, memory = tile_fn(crop, where, *memory)
+            pooled, memory = run(crop, where, *memory)
         weighted = pooled * ((bottom - top) * (right - left) / (H * W))
         pooled_sum = weighted if pooled_sum is None else pooled_sum + weighted
     return pooled_sum, tuple(memory)
+
+
+def _prepared(tile_fn: TileFn, prepare: Prepare) -> TileFn:
+    """``tile_fn`` with ``prepare`` applied to its tile image first."""
+
+    def run(crop: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        return tile_fn(prepare(crop), *rest)
+
+    return run

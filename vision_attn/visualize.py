@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import io
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import matplotlib
 
@@ -108,11 +108,13 @@ def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: l
 
 
 @torch.no_grad()
-def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -> tuple[dict[str, torch.Tensor], list]:
+def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0,
+                 prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], list]:
     """Head-averaged attention of each block of ``stage`` for one image: ``{label: (P, h, w)}``.
 
     With global (or memory) tokens the maps show the map-token part of each query's attention,
-    renormalised. A tiled model (``model.tile_size``) shows its first tile.
+    renormalised. A tiled model (``model.tile_size``) shows its first tile. ``prepare``: the
+    model's input preparation for uint8 ``images`` (tile streams: applied per tile).
     """
     inputs: list[torch.Tensor] = []
     blocks = list(model.layers[stage].blocks)
@@ -125,7 +127,7 @@ def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0) -
 
     hooks = [b.norm1.register_forward_hook(keep) for b in blocks]
     try:
-        model(images[:1])
+        model(images[:1]) if prepare is None else model(images[:1], prepare=prepare)
     finally:
         for hook in hooks:
             hook.remove()

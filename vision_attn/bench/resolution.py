@@ -7,9 +7,16 @@ For every variant, with and without gradient checkpointing (``model.grad_checkpo
 batch 1: one training step of ``ClassificationModule`` (forward, loss, backward, AdamW step; the
 step of ``bench knobs``) at each resolution in turn, smallest first.
 
-* Every point runs in a fresh process. Memory is the peak of that process: on CPU its
-  high-water resident set (``VmHWM``: Python, torch, weights, optimizer state, activations), on
-  CUDA ``torch.cuda.max_memory_allocated``. Time: one untimed warm-up step, then the median of up
+* Every point runs in a fresh process. Memory ("step") is the peak of that process: on CPU its
+  high-water resident set (``VmHWM``: Python, torch, weights, optimizer state, activations, a
+  random float input), on CUDA ``torch.cuda.max_memory_allocated``.
+* Beside it, what a user sees ("train.py"): the peak resident set of a whole ``train.py`` run at
+  that point (``data=shapes``, batch 1, one training step, one test batch:
+  :func:`train_command`), read from the child's own rusage (``ru_maxrss``, ``os.wait4``, as
+  ``/usr/bin/time -f %M`` reads it): data
+  drawing, loading, the Lightning loop and the model together, from the start of ``fit`` (the
+  ``PeakMemory`` callback resets the kernel's high-water mark there). It runs only where the step ran;
+  ``--no-whole-process`` leaves it out. On CUDA it is host memory (the step's figure is the device's). Time: one untimed warm-up step, then the median of up
   to ``--reps`` steps (fewer where steps are slow: timing stops once half of
   ``--max-seconds-per-point`` is spent, after at least one step).
 * Never out of memory: before a point runs, its peak is predicted from the series' earlier
@@ -33,6 +40,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +66,8 @@ class Point:
     step_s: Optional[float] = None  # median time of one training step
     reps: int = 0
     skip: Optional[str] = None  # why it was not measured
+    process_mb: Optional[float] = None  # peak RSS of a whole train.py run at this point (ru_maxrss)
+    process_skip: Optional[str] = None  # why that run gave no figure
 
     @property
     def pixels(self) -> int:
@@ -199,6 +209,56 @@ def measure(variant: str, size: str, res: int, ckpt: bool, reps: int, device: st
     return Point(res, **json.loads(res_.stdout.strip().splitlines()[-1]))
 
 
+def train_command(variant: str, size: str, res: int, ckpt: bool, device: str, out_dir: str,
+                  tile: Optional[int] = None, memory: int = 0) -> list[str]:
+    """The ``train.py`` run of a point: batch 1, one training step, one test batch, no logger."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, str(root / "train.py"), f"model={variant}", f"model.size={size}",
+           f"model.grad_checkpointing={str(ckpt).lower()}"]
+    if tile is not None:
+        cmd += [f"model.tile_size={tile}", f"model.memory_tokens={memory}"]
+    return cmd + [f"data.image_size={res}", "data.batch_size=1", "data.num_workers=0", "trainer.max_steps=1",
+                  "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
+                  "logger=none", f"trainer.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}",
+                  "trainer.devices=1", f"hydra.run.dir={out_dir}"]
+
+
+# Forked from a big process, a child's ``ru_maxrss`` would count the parent's pages it held
+# before exec (Linux keeps the high-water mark across execve): a bare interpreter starts the run.
+_LAUNCHER = """
+import json, os, subprocess, sys, threading
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+timer = threading.Timer(float(sys.argv[1]), proc.kill)
+timer.start()
+_, status, usage = os.wait4(proc.pid, 0)
+timer.cancel()
+print(json.dumps({"maxrss_kib": usage.ru_maxrss, "exitcode": os.waitstatus_to_exitcode(status)}))
+"""
+
+
+def child_peak_mb(cmd: list[str], timeout_s: float) -> tuple[Optional[float], Optional[str]]:
+    """Run ``cmd``; its peak resident set in MB (``ru_maxrss`` from ``os.wait4``, started from a bare
+    interpreter), or None and why (failed, killed after ``timeout_s``)."""
+    done = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, str(timeout_s), *cmd],
+                          capture_output=True, text=True)
+    if done.returncode:
+        return None, f"launcher failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:80]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["exitcode"] in (-9, 137):
+        return None, f"train.py over {timeout_s:.0f} s or out of memory (killed)"
+    if result["exitcode"]:
+        return None, f"train.py failed: {(done.stderr.strip().splitlines() or ['?'])[-1][:80]}"
+    return result["maxrss_kib"] / 1024, None  # Linux: KiB
+
+
+def measure_process(series: Series, point: Point, args: argparse.Namespace) -> None:
+    """Fill ``point``'s whole-process figure from a ``train.py`` run in a temporary run dir."""
+    with tempfile.TemporaryDirectory(prefix="bench_resolution_") as out_dir:
+        cmd = train_command(series.variant, args.size, point.res, series.ckpt, args.device, out_dir,
+                            series.tile, series.memory)
+        point.process_mb, point.process_skip = child_peak_mb(cmd, args.max_seconds_per_point + 120)
+
+
 def run_series(series: Series, resolutions: Sequence[int], args: argparse.Namespace, budget_mb: float) -> None:
     """Measure ``series`` at each resolution, smallest first, skipping what the predictor rules out."""
     quadratic = series.variant in QUADRATIC and series.tile is None
@@ -208,6 +268,8 @@ def run_series(series: Series, resolutions: Sequence[int], args: argparse.Namesp
         point = Point(res, skip=why) if why else measure(
             series.variant, args.size, res, series.ckpt, args.reps, args.device, args.threads,
             args.max_seconds_per_point, series.tile, series.memory)
+        if point.skip is None and args.whole_process:
+            measure_process(series, point, args)
         series.points.append(point)
         print(f"{series.label} {res}²: {cell(point)}  [{time.perf_counter() - t0:.0f} s]", flush=True)
 
@@ -216,7 +278,15 @@ def run_series(series: Series, resolutions: Sequence[int], args: argparse.Namesp
 
 
 def cell(p: Point) -> str:
-    return p.skip if p.skip is not None else f"{p.peak_mb:.0f} MB / {p.step_s:.2f} s"  # type: ignore[str-format]
+    """``step MB / s``, with ``(train.py MB)`` or why not after the step's memory where measured."""
+    if p.skip is not None:
+        return p.skip
+    process = ""
+    if p.process_mb is not None:
+        process = f" (train.py {p.process_mb:.0f} MB)"
+    elif p.process_skip is not None:
+        process = f" ({p.process_skip})"
+    return f"{p.peak_mb:.0f} MB{process} / {p.step_s:.2f} s"
 
 
 def headline(series: Sequence[Series]) -> str:
@@ -245,8 +315,9 @@ def table(series: Sequence[Series], resolutions: Sequence[int]) -> str:
 
 def report(series: Sequence[Series], resolutions: Sequence[int], args: argparse.Namespace, budget_mb: float) -> str:
     mem = "CUDA allocator peak" if args.device.startswith("cuda") else "peak process RSS"
+    whole = " (train.py: peak RSS of a whole train.py run, data=shapes, 1 step + 1 test batch)" if args.whole_process else ""
     return "\n".join([
-        f"{args.size}, batch 1, train step (fwd+bwd+AdamW), {args.device}; cells: {mem} MB / "
+        f"{args.size}, batch 1, train step (fwd+bwd+AdamW), {args.device}; cells: step {mem} MB{whole} / "
         f"median s per step (<= {args.reps} steps after a warm-up); budget {budget_mb / 1024:.1f} GB, "
         f"{args.max_seconds_per_point:.0f} s per point",
         f"machine: {machine()}",
@@ -279,6 +350,9 @@ def plot(series: Sequence[Series], path: Path) -> None:
                      linestyle="--" if s.ckpt else "-")
         px = [p.pixels for p in pts]
         axes[0].plot(px, [p.peak_mb for p in pts], label=s.label, **style)
+        whole = [(p.pixels, p.process_mb) for p in pts if p.process_mb is not None]
+        if whole:
+            axes[0].plot(*zip(*whole), color=style["color"], marker="x", linestyle=":", label=f"{s.label}, train.py")
         axes[1].plot(px, [p.step_s for p in pts], label=s.label, **style)
     save_loglog_figure(fig, axes, "pixels (H*W)", ("peak memory (MB)", "time per training step (s, median)"),
                        "training step (batch 1) against resolution", path)
@@ -305,6 +379,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tile-size", type=int, default=None,
                    help="also run each variant as tiles of this many pixels (model.tile_size)")
     p.add_argument("--memory-tokens", type=int, default=0, help="model.memory_tokens of the tiled series")
+    p.add_argument("--no-whole-process", dest="whole_process", action="store_false",
+                   help="skip the whole train.py run per point (its peak RSS beside the step's)")
     p.add_argument("--point", nargs=4, metavar=("VARIANT", "SIZE", "RES", "CKPT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = sorted(set(args.variants) - set(VARIANTS))
