@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from vision_attn.errors import TrainingDiverged, config_error_in
 from vision_attn.fault import SigtermGuard, Terminated, resolve_ckpt_path
+from vision_attn.memory import return_freed_memory
 from vision_attn.run import (
     build_loggers,
     dataset_num_classes,
@@ -38,7 +39,6 @@ from vision_attn.run import (
     wandb_run_to_continue,
     write_results,
 )
-from vision_attn.memory import return_freed_memory
 
 log = logging.getLogger("train")
 
@@ -79,6 +79,8 @@ def train(cfg: DictConfig, guard: Optional[SigtermGuard] = None) -> Optional[flo
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), bool(cfg.get("resume", False)), run_dir)
     resuming = ckpt_path not in (None, "best", "hpc")
     wandb_id = wandb_run_to_continue(ckpt_path) if resuming else None
+    if cfg.model.get("tile_size"):  # tile streams: memory must stay one tile, not grow with the image
+        return_freed_memory()
     datamodule = instantiate(cfg.data)
     num_classes = dataset_num_classes(cfg, datamodule)
     module = instantiate(cfg.module, num_classes=num_classes)

@@ -27,7 +27,8 @@ def usable_workers(requested: int) -> int:
     """``data.num_workers``, capped at the CPUs this process may use (said once in the log)."""
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > available:
-        rank_zero_info(f"data.num_workers={requested}: this process may use {available} CPUs, so {available} loader workers")
+        rank_zero_info(f"data.num_workers={requested}: this process may use {available} CPUs, "
+                       f"so {available} loader workers")
         return available
     return requested
 

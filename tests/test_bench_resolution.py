@@ -1,8 +1,6 @@
 """``python -m vision_attn.bench resolution``: the memory/time predictor, the report, one real tiny run."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from vision_attn.bench import resolution as bench
@@ -157,7 +155,8 @@ def test_whole_process_figure_sits_beside_the_steps_in_the_table():
     assert bench.cell(p) == "600 MB (train.py failed: boom) / 0.10 s"
     cmd = bench.train_command("swin_local", "pico", 4096, True, "cpu", "/tmp/x", tile=512, memory=8)
     for arg in ("model=swin_local", "model.grad_checkpointing=true", "model.tile_size=512", "model.memory_tokens=8",
-                "data.image_size=4096", "data.batch_size=1", "trainer.max_steps=1", "logger=none", "hydra.run.dir=/tmp/x"):
+                "data.image_size=4096", "data.batch_size=1", "trainer.max_steps=1", "logger=none",
+                "hydra.run.dir=/tmp/x"):
         assert arg in cmd
 
 

@@ -97,8 +97,10 @@ def test_datamodule_hands_uint8_to_a_tile_stream_and_floats_where_batch_augmenta
         assert images.dtype == torch.uint8
     mixing = _attached(ShapesDataModule(image_size=64, augment={"mixup": 0.8}), module, True)
     assert mixing.on_after_batch_transfer(batch, 0)[0].dtype == torch.float32
-    untiled = ClassificationModule({**TILED, "tile_size": None, "memory_tokens": 0}, num_classes=8, img_size=64, optim=OPTIM)
-    assert _attached(ShapesDataModule(image_size=64), untiled, False).on_after_batch_transfer(batch, 0)[0].is_floating_point()
+    untiled = ClassificationModule({**TILED, "tile_size": None, "memory_tokens": 0}, num_classes=8, img_size=64,
+                                   optim=OPTIM)
+    handed = _attached(ShapesDataModule(image_size=64), untiled, False).on_after_batch_transfer(batch, 0)
+    assert handed[0].is_floating_point()
 
 
 def test_module_normalises_uint8_tiles_with_the_datamodules_mean_and_std(one_thread) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from torch import nn
 from timm.layers import ClassifierHead, trunc_normal_
 from timm.models._features import feature_take_indices
+from torch import nn
 
 from .attention import AttnSpec, backends
 from .blocks import Stage

@@ -42,7 +42,8 @@ class PlainProgressBar(ProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0 = time.monotonic()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         step = trainer.global_step
         if self._enabled and self.every_n_steps and step % self.every_n_steps == 0:
             total = trainer.num_training_batches
@@ -104,14 +105,16 @@ class Throughput(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, on_step: bool) -> None:
         rate = self.rate(trainer)
-        for key, value in (("train/images_per_sec", rate), ("train/images_per_sec_per_device", rate / trainer.world_size)):
+        per_device = rate / trainer.world_size
+        for key, value in (("train/images_per_sec", rate), ("train/images_per_sec_per_device", per_device)):
             pl_module.log(key, value, on_step=on_step, on_epoch=not on_step)
 
     def rate(self, trainer: Optional[L.Trainer] = None) -> float:
         """Images/s since the epoch's first batch: this process's, or every rank's summed (``trainer``)."""
         images = float(self._images)
         if trainer is not None and trainer.world_size > 1:  # every rank reaches the same logging steps
-            images = float(trainer.strategy.reduce(torch.tensor(images, device=trainer.strategy.root_device), reduce_op="sum"))
+            total = torch.tensor(images, device=trainer.strategy.root_device)
+            images = float(trainer.strategy.reduce(total, reduce_op="sum"))
         return images / max(time.perf_counter() - (self._t0 or time.perf_counter()), 1e-9)
 
 

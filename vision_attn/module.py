@@ -5,16 +5,16 @@ import math
 from typing import Any, Callable, Optional
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
 import torch
-from torch import nn
+from lightning.pytorch.utilities import rank_zero_info
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from .errors import TrainingDiverged
 from . import lightning_compat as compat
+from .errors import TrainingDiverged
 from .factory import create_model
 from .summary import summarize, zeros_image
 
@@ -166,7 +166,8 @@ class ClassificationModule(L.LightningModule):
         if self._any_rank(not bool(torch.isfinite(norm))):
             raise TrainingDiverged(
                 f"non-finite gradient norm ({float(norm)}) at step {self.global_step} "
-                f"(epoch {self.current_epoch}, batch {compat.training_batch_index(self.trainer)}); stopped before the optimizer step, "
+                f"(epoch {self.current_epoch}, batch {compat.training_batch_index(self.trainer)}); "
+                "stopped before the optimizer step, "
                 "checkpoints left as they were. Try bf16 -> 32-true precision, a lower optim.lr or "
                 "trainer.gradient_clip_val=1.0"
             )

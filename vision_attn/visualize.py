@@ -1,9 +1,8 @@
 """Pictures: validation predictions and attention maps over the input image."""
 from __future__ import annotations
 
-from dataclasses import replace
-
 import io
+from dataclasses import replace
 from typing import Callable, Optional, Sequence
 
 import matplotlib
@@ -41,7 +40,8 @@ def denormalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
-def prediction_grid(images: np.ndarray, targets: Sequence[int], preds: Sequence[int], classes: Sequence[str]) -> np.ndarray:
+def prediction_grid(images: np.ndarray, targets: Sequence[int], preds: Sequence[int],
+                    classes: Sequence[str]) -> np.ndarray:
     """A grid of images titled ``true / predicted`` (green when right, red when wrong)."""
     n = len(images)
     cols = min(8, n)
@@ -60,7 +60,8 @@ def query_points(h: int, w: int) -> list[tuple[int, int]]:
     return [(0, 0), (h // 2, w // 2), (min(h - 1, (3 * h) // 4 + 1), max(0, w // 4 - 1))]
 
 
-def kind_patterns(dim: int, num_heads: int, h: int, w: int, spec: AttnSpec, sr_ratio: int = 2) -> dict[str, torch.Tensor]:
+def kind_patterns(dim: int, num_heads: int, h: int, w: int, spec: AttnSpec,
+                  sr_ratio: int = 2) -> dict[str, torch.Tensor]:
     """Receptive field of every registered kind on an ``h x w`` token map: ``{kind: (P, h, w)}``.
 
     ``spec`` is the stage's (window, kernel...); the dilation shown is at least 2 and the
@@ -83,7 +84,8 @@ def kind_patterns(dim: int, num_heads: int, h: int, w: int, spec: AttnSpec, sr_r
     return maps
 
 
-def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: list[tuple[int, int]], title: str) -> np.ndarray:
+def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: list[tuple[int, int]],
+                     title: str) -> np.ndarray:
     """Rows: attention kinds (or blocks); columns: query tokens; weights over the image."""
     H, W = image.shape[:2]
     rows, cols = len(maps), len(points)
@@ -109,7 +111,8 @@ def attention_figure(image: np.ndarray, maps: dict[str, torch.Tensor], points: l
 
 @torch.no_grad()
 def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0,
-                 prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[dict[str, torch.Tensor], list]:
+                 prepare: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                 ) -> tuple[dict[str, torch.Tensor], list]:
     """Head-averaged attention of each block of ``stage`` for one image: ``{label: (P, h, w)}``.
 
     With global (or memory) tokens the maps show the map-token part of each query's attention,

@@ -16,7 +16,8 @@ step of ``bench knobs``) at each resolution in turn, smallest first.
   ``/usr/bin/time -f %M`` reads it): data
   drawing, loading, the Lightning loop and the model together, from the start of ``fit`` (the
   ``PeakMemory`` callback resets the kernel's high-water mark there). It runs only where the step ran;
-  ``--no-whole-process`` leaves it out. On CUDA it is host memory (the step's figure is the device's). Time: one untimed warm-up step, then the median of up
+  ``--no-whole-process`` leaves it out. On CUDA it is host memory (the step's figure is the device's).
+  Time: one untimed warm-up step, then the median of up
   to ``--reps`` steps (fewer where steps are slow: timing stops once half of
   ``--max-seconds-per-point`` is spent, after at least one step).
 * Never out of memory: before a point runs, its peak is predicted from the series' earlier
@@ -315,7 +316,8 @@ def table(series: Sequence[Series], resolutions: Sequence[int]) -> str:
 
 def report(series: Sequence[Series], resolutions: Sequence[int], args: argparse.Namespace, budget_mb: float) -> str:
     mem = "CUDA allocator peak" if args.device.startswith("cuda") else "peak process RSS"
-    whole = " (train.py: peak RSS of a whole train.py run, data=shapes, 1 step + 1 test batch)" if args.whole_process else ""
+    whole = (" (train.py: peak RSS of a whole train.py run, data=shapes, 1 step + 1 test batch)"
+             if args.whole_process else "")
     return "\n".join([
         f"{args.size}, batch 1, train step (fwd+bwd+AdamW), {args.device}; cells: step {mem} MB{whole} / "
         f"median s per step (<= {args.reps} steps after a warm-up); budget {budget_mb / 1024:.1f} GB, "
