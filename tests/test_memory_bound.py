@@ -76,7 +76,7 @@ def test_uint8_tiles_normalised_inside_the_checkpoint_match_a_float_image(one_th
     ref.sum().backward()
     ref_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
-    out = model(images, prepare=prepare)
+    out = model.forward_prepared(images, prepare)
     out.sum().backward()
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     for g, r in zip([p.grad for p in model.parameters() if p.grad is not None], ref_grads):

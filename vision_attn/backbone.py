@@ -293,7 +293,13 @@ class VisionAttnTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor, prepare: Optional[Prepare] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_prepared(self, x: torch.Tensor, prepare: Prepare) -> torch.Tensor:
+        """:meth:`forward` with ``prepare`` applied to the input first (uint8 -> normalised float;
+        tile streams apply it per tile). Not an argument of ``forward``: fx tracing (timm's feature
+        extraction) would take it for an input and call it."""
         return self.forward_head(self.forward_features(x, prepare))
 
 

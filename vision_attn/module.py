@@ -107,7 +107,7 @@ class ClassificationModule(L.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if x.dtype == torch.uint8 and self.normalizes_tiles:
-            return self.model(x, prepare=self._normalize())
+            return self.model.forward_prepared(x, self._normalize())
         return (self.model if self._compiled is None else self._compiled)(x)
 
     def _normalize(self) -> Callable[[torch.Tensor], torch.Tensor]:

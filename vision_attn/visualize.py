@@ -130,7 +130,7 @@ def learned_maps(model: torch.nn.Module, images: torch.Tensor, stage: int = 0,
 
     hooks = [b.norm1.register_forward_hook(keep) for b in blocks]
     try:
-        model(images[:1]) if prepare is None else model(images[:1], prepare=prepare)
+        model(images[:1]) if prepare is None else model.forward_prepared(images[:1], prepare)
     finally:
         for hook in hooks:
             hook.remove()

@@ -37,7 +37,8 @@ from torch import nn
 from vision_attn.bench.common import machine, markdown_table
 from vision_attn.erf import StageMap, erf_masses, square_side, stage_maps, support_box
 from vision_attn.errors import ConfigError
-from vision_attn.variants import SIZES, VARIANTS, create_model
+from vision_attn.factory import create_model
+from vision_attn.variants import SIZES, VARIANTS
 
 IMG_SIZES = [224, 448]
 FRACTIONS = (0.2, 0.5, 0.99)
