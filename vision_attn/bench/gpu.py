@@ -443,22 +443,29 @@ def _spec(**overrides: Any) -> AttnSpec:
     return dataclasses.replace(KIND_SPEC, **overrides)
 
 
+def _fp32_and_bf16(kind: str, build: Callable[[], nn.Module], shape: tuple[int, int, int], ctx: Ctx,
+                   train: bool = True, around: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> str:
+    """A route row's figures: ``build()``'s module in fp32 and in bf16 autocast against the reference,
+    the kernels each ran; :class:`CheckFailed` when either is over tolerance."""
+    parts, ok = [], True
+    for precision in ("fp32", "bf16"):
+        cmp = compare_module(kind, build, shape, ctx.device, precision, ctx.tol_scale, train, around_test=around)
+        ok &= cmp.ok
+        parts.append(f"{precision}: {', '.join(cmp.kernels) or 'no SDPA'} (rel. max abs diff {cmp.worst():.1e}, "
+                     f"{cmp.tol_text()})")
+    text = "; ".join(parts)
+    if not ok:
+        raise CheckFailed("over tolerance: " + text)
+    return text
+
+
 def sdpa_route_check(route: str) -> Callable[[Ctx], str]:
     """Row: one window route, fp32 and bf16, on the device under test: kernels used, checked."""
     kind, overrides, shape, train = SDPA_ROUTES[route]
 
     def check(ctx: Ctx) -> str:
         build = lambda: create_attention(kind, DIM, HEADS, _spec(**overrides))  # noqa: E731
-        parts, ok = [], True
-        for precision in ("fp32", "bf16"):
-            cmp = compare_module(kind, build, shape, ctx.device, precision, ctx.tol_scale, train)
-            ok &= cmp.ok
-            parts.append(f"{precision}: {', '.join(cmp.kernels) or 'no SDPA'} (rel. max abs diff {cmp.worst():.1e}, "
-                         f"{cmp.tol_text()})")
-        text = "; ".join(parts)
-        if not ok:
-            raise CheckFailed("over tolerance: " + text)
-        return text
+        return _fp32_and_bf16(kind, build, shape, ctx, train)
 
     return check
 
@@ -505,17 +512,7 @@ def forced_route_check(kind: str, route: str) -> Callable[[Ctx], str]:
         if reason is not None:
             raise NotApplicable(f"{'bias' if bias else 'no bias'}, training on {ctx.device.type}: {reason}")
         build = lambda: create_attention(kind, DIM, HEADS, _spec(rel_pos_bias=bias))  # noqa: E731
-        parts, ok = [], True
-        for precision in ("fp32", "bf16"):
-            cmp = compare_module(kind, build, ROUTED_KINDS[kind], ctx.device, precision, ctx.tol_scale,
-                                 around_test=lambda: backends.force(route))
-            ok &= cmp.ok
-            parts.append(f"{precision}: {', '.join(cmp.kernels) or 'no SDPA'} (rel. max abs diff {cmp.worst():.1e}, "
-                         f"{cmp.tol_text()})")
-        text = "; ".join(parts)
-        if not ok:
-            raise CheckFailed("over tolerance: " + text)
-        return text
+        return _fp32_and_bf16(kind, build, ROUTED_KINDS[kind], ctx, around=lambda: backends.force(route))
 
     return check
 
