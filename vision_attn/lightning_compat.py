@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning
 import lightning as L
 
 TESTED = "2.6"  # requirements.lock pins lightning 2.6.x
@@ -17,7 +16,7 @@ TESTED = "2.6"  # requirements.lock pins lightning 2.6.x
 VAL_PROGRESS_KEY = "epoch_loop.val_loop.batch_progress"
 
 
-def check_version(version: str = lightning.__version__) -> None:
+def check_version(version: str = L.__version__) -> None:
     """Refuse a Lightning other than ``TESTED``.x, naming this file and what to re-check."""
     if version.split(".")[:2] != TESTED.split("."):
         raise RuntimeError(

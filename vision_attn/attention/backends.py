@@ -111,22 +111,16 @@ def _fused_built() -> bool:
 # ----------------------------------------------------------------------------- window routes
 
 
-@register("sdpa", "window", "F.scaled_dot_product_attention on (B*nW, heads, N, D): flash / cuDNN / "
-          "memory-efficient kernels; a mask is expanded over the batch")
-def _sdpa(call: Call) -> Optional[str]:
+def _serves_every_call(call: Call) -> Optional[str]:
     return None
 
 
-@register("sdpa_5d", "window", "SDPA on (B, nW, heads, N, D) with a (nW, heads, N, N) mask broadcast "
-          "over the batch (the math path: it returns the mask's gradient)")
-def _sdpa_5d(call: Call) -> Optional[str]:
-    return None
-
-
-@register("sdpa_heads", "window", "SDPA on (B, nW*heads, N, D) with the bias and region mask as "
-          "(1, nW*heads, N, N): CUDA's memory-efficient kernel returns the bias gradient")
-def _sdpa_heads(call: Call) -> Optional[str]:
-    return None
+register("sdpa", "window", "F.scaled_dot_product_attention on (B*nW, heads, N, D): flash / cuDNN / "
+         "memory-efficient kernels; a mask is expanded over the batch")(_serves_every_call)
+register("sdpa_5d", "window", "SDPA on (B, nW, heads, N, D) with a (nW, heads, N, N) mask broadcast "
+         "over the batch (the math path: it returns the mask's gradient)")(_serves_every_call)
+register("sdpa_heads", "window", "SDPA on (B, nW*heads, N, D) with the bias and region mask as "
+         "(1, nW*heads, N, N): CUDA's memory-efficient kernel returns the bias gradient")(_serves_every_call)
 
 
 @register("per_head", "window", "one batched GEMM per head over all windows, explicit backward "
@@ -151,9 +145,8 @@ def _fused(call: Call) -> Optional[str]:
     return None
 
 
-@register("tiled", "neighborhood", "the pure-PyTorch tiled kernel (query tiles x key halos, batched GEMMs)")
-def _tiled(call: Call) -> Optional[str]:
-    return None
+register("tiled", "neighborhood",
+         "the pure-PyTorch tiled kernel (query tiles x key halos, batched GEMMs)")(_serves_every_call)
 
 
 @register("flex", "neighborhood", "FlexAttention (compiled on CUDA) with a cached BlockMask and the bias in score_mod")

@@ -21,7 +21,7 @@ the same ``mask_mod`` / ``score_mod`` densely, which is what the CPU tests check
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Callable, Optional
 
@@ -114,13 +114,16 @@ def flex_plan(H: int, W: int, ky: int, dy: int, kx: int, dx: int, device: torch.
     """The cached :class:`FlexPlan` with its ``BlockMask`` on ``device``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    cpu = _tables(H, W, ky, dy, kx, dx)
-    moved = FlexPlan(*(t.to(device) for t in (cpu.perm, cpu.inverse, cpu.group, cpu.jy, cpu.jx, cpu.sy, cpu.sx)),
-                     cpu.kernel, None)
+    plan = _on(_tables(H, W, ky, dy, kx, dx), device)
     n = H * W
-    block = create_block_mask(mask_mod(moved), None, None, n, n, device=device, _compile=device.type == "cuda")
-    return FlexPlan(*(getattr(moved, f) for f in ("perm", "inverse", "group", "jy", "jx", "sy", "sx")),
-                    moved.kernel, block)
+    block = create_block_mask(mask_mod(plan), None, None, n, n, device=device, _compile=device.type == "cuda")
+    return replace(plan, block_mask=block)
+
+
+def _on(plan: FlexPlan, device: torch.device) -> FlexPlan:
+    """``plan``'s per-token tables on ``device``."""
+    tables = ("perm", "inverse", "group", "jy", "jx", "sy", "sx")
+    return replace(plan, **{name: getattr(plan, name).to(device) for name in tables})
 
 
 @lru_cache(maxsize=1)
@@ -168,9 +171,7 @@ def dense_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kern
     """What :func:`flex_neighborhood` computes, with its ``mask_mod`` and ``score_mod`` evaluated on
     every (query, key) pair: dense scores, softmax, autograd (tests; ``O(N^2)`` memory)."""
     B, nh, H, W, D = q.shape
-    plan = _tables(H, W, kernel[0], dilation[0], kernel[1], dilation[1])
-    plan = FlexPlan(*(t.to(q.device) for t in (plan.perm, plan.inverse, plan.group, plan.jy, plan.jx, plan.sy,
-                                                plan.sx)), plan.kernel, None)
+    plan = _on(_tables(H, W, kernel[0], dilation[0], kernel[1], dilation[1]), q.device)
     qs, ks, vs = (_to_sequence(t, plan) for t in (q, k, v))
     n = H * W
     q_idx, kv_idx = torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None, :]
