@@ -54,7 +54,7 @@ def tokens(B: int, nh: int, G: int, D: int = 4, seed: int = 9) -> list[torch.Ten
 
 def module(kind: str, dim: int = 8, heads: int = 2, seed: int = 0, **spec) -> torch.nn.Module:
     torch.manual_seed(seed)
-    m = create_attention(kind, dim, heads, AttnSpec(**{"window_size": 3, "kernel_size": 3, **spec})).double().eval()
+    m = create_attention(kind, dim, heads, AttnSpec.of(**{"window_size": 3, "kernel_size": 3, **spec})).double().eval()
     if getattr(m, "relative_position_bias_table", None) is not None:
         torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)  # make the bias matter
     return m

@@ -79,24 +79,24 @@ def test_spatial_reduction_counts_the_reduced_keys() -> None:
     """r = 2 on 8 x 8: q over 64 tokens, a depthwise 2 x 2 stride-2 conv and kv over 16, 16 keys a query."""
     n, nr = 64, 16
     want = B * (n * C * C + nr * C * 4 + nr * C * 2 * C + n * C * C) + attention(n, nr)
-    assert counted("spatial_reduction", AttnSpec(sr_ratio=2), 8, 8) == want
+    assert counted("spatial_reduction", AttnSpec.of(sr_ratio=2), 8, 8) == want
 
 
 def test_lsh_counts_its_chunk_and_the_previous_one() -> None:
     """chunk 16 on 8 x 8 = 64 tokens: 4 chunks, each query sees 2 x 16 keys; hashing projects
     each key onto buckets / 2 = 4 directions per head (one hash round)."""
     n, chunk, buckets = 64, 16, 2 * math.ceil(64 / 16)
-    module = create_attention("lsh", C, HEADS, AttnSpec(lsh_chunk=chunk))
+    module = create_attention("lsh", C, HEADS, AttnSpec.of(lsh_chunk=chunk))
     proj = sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
     hashing = B * HEADS * n * D * buckets // 2
-    assert counted("lsh", AttnSpec(lsh_chunk=chunk), 8, 8) == B * n * proj + hashing + attention(n, 2 * chunk)
+    assert counted("lsh", AttnSpec.of(lsh_chunk=chunk), 8, 8) == B * n * proj + hashing + attention(n, 2 * chunk)
 
 
 def test_routed_counts_the_gathered_regions() -> None:
     """Regions of 4 x 4 on 8 x 8 (4 regions), top-2: each query sees 2 x 16 keys; routing compares
     region means (4 x 4 pairs of C channels)."""
     want = linears(64) + B * 4 * 4 * C + attention(64, 2 * 16)
-    assert counted("routed", AttnSpec(window_size=4, routed_topk=2), 8, 8) == want
+    assert counted("routed", AttnSpec.of(window_size=4, routed_topk=2), 8, 8) == want
 
 
 @pytest.mark.parametrize("variant", ["swin_local", "swin_dilated", "swin"])

@@ -85,7 +85,7 @@ def _pair(H: int, W: int, w, s, dim: int = 32, heads: int = 4, padding: str = "m
     torch.manual_seed(0)
     theirs = SwinTransformerBlock(dim, (H, W), heads, window_size=w, shift_size=s).double()
     torch.nn.init.normal_(theirs.attn.relative_position_bias_table, std=0.5)  # make the bias matter
-    spec = AttnSpec(window_size=w, window_padding=padding)
+    spec = AttnSpec.of(window_size=w, window_padding=padding)
     ours = Block(dim, heads, "shifted_window" if any(to_2tuple(s)) else "window", spec).double()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return ours, theirs
@@ -159,7 +159,7 @@ def test_attention_maps_under_timm_padding_are_the_weights_on_real_keys():
     """The pads take weight (timm) but are not on the map: the maps show the real keys' weights only."""
     H, W, w = 5, 7, (4, 3)
     torch.manual_seed(0)
-    attn = WindowAttention(8, 2, AttnSpec(window_size=w, window_padding="timm")).double().eval()
+    attn = WindowAttention(8, 2, AttnSpec.of(window_size=w, window_padding="timm")).double().eval()
     torch.nn.init.normal_(attn.relative_position_bias_table, std=0.5)
     torch.nn.init.normal_(attn.qkv.bias, std=0.5)
     x = torch.randn(1, H, W, 8, dtype=torch.float64)

@@ -8,7 +8,7 @@ from timm.layers import ClassifierHead, trunc_normal_
 from timm.models._features import feature_take_indices
 from torch import nn
 
-from .attention import AttnSpec, backends
+from .attention import AttnSpec, backends, option_keys, stage_options
 from .blocks import Stage
 from .errors import ConfigError
 from .stems import create_stem
@@ -61,9 +61,9 @@ class VisionAttnTransformer(nn.Module):
 
     State-dict names follow timm's ``SwinTransformer`` (``patch_embed``, ``layers.i.blocks.j``,
     ``norm``, ``head.fc``), so timm Swin weights load directly. ``window_size``: see
-    :func:`stage_windows`. ``window_padding`` (window kinds): ``"mask"`` never attends the keys
-    padded up to a multiple of the window; ``"timm"`` reproduces timm's Swin (roll, zero-pad,
-    attend the pads), as :func:`vision_attn.from_timm` sets.
+    :func:`stage_windows`. ``attn_options``: each attention kind's own options by their flat config
+    keys (e.g. ``lsh_chunk=32``, ``window_padding="timm"``; :func:`vision_attn.attention.option_keys`),
+    passed to every block, which reads its kind's keys (per-stage lists are indexed per stage).
     """
 
     #: timm's name for the layout of ``forward_features`` (and of an unpooled head): channels last.
@@ -94,18 +94,17 @@ class VisionAttnTransformer(nn.Module):
         downsample: str = "merge",
         global_pool: str = "avg",
         global_tokens: IntOrSeq = 0,
-        sr_ratio: IntOrSeq = 1,
-        lsh_chunk: IntOrSeq = 64,
-        lsh_buckets: int = 0,
-        lsh_hashes: int = 1,
-        routed_topk: IntOrSeq = 4,
-        window_padding: str = "mask",
         attn_backend: str = "auto",
         tile_size: Optional[int] = None,
         memory_tokens: int = 0,
         memory_bptt: Optional[int] = None,
+        **attn_options: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(attn_options) - set(option_keys()))
+        if unknown:
+            raise TypeError(f"VisionAttnTransformer got unknown arguments {unknown}; the attention kinds' options "
+                            f"are {option_keys()}")
         n = len(depths)
         self.num_classes = num_classes
         self.tile_size, self.memory_tokens, self.memory_bptt = tile_size, memory_tokens, memory_bptt
@@ -114,8 +113,7 @@ class VisionAttnTransformer(nn.Module):
         self.head_hidden_size = self.num_features * (2 if memory_tokens else 1)
         self.patch_embed = create_stem(stem, img_size, patch_size, in_chans, embed_dim)
         windows, kernels = stage_windows(window_size, n), per_stage(kernel_size, n)
-        tokens, ratios = per_stage(global_tokens, n), per_stage(sr_ratio, n)
-        chunks, topks = per_stage(lsh_chunk, n), per_stage(routed_topk, n)
+        tokens = per_stage(global_tokens, n)
         dilations = dilations or [[1]] * n
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         dims = [int(embed_dim * 2**i) for i in range(n)]
@@ -124,8 +122,7 @@ class VisionAttnTransformer(nn.Module):
         for i in range(n):
             specs = [
                 AttnSpec(windows[i], kernels[i], d, qkv_bias, attn_drop_rate, proj_drop_rate, rel_pos_bias,
-                         sr_ratio=ratios[i], lsh_chunk=chunks[i], lsh_buckets=lsh_buckets, lsh_hashes=lsh_hashes,
-                         routed_topk=topks[i], window_padding=window_padding, attn_backend=attn_backend)
+                         attn_backend, stage_options(attn_options, i))
                 for d in per_stage(dilations[i], 1)
             ]
             stages.append(

@@ -12,7 +12,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from .backbone import VisionAttnTransformer
 from .cfgs import variant_cfg
-from .variants import BACKBONE_KEYS, SIZES, VARIANTS, model_kwargs
+from .variants import SIZES, VARIANTS, backbone_keys, model_kwargs
 
 PREFIX = "va_"
 
@@ -22,7 +22,8 @@ def timm_name(variant: str, size: str) -> str:
 
 
 def _create(variant: str, size: str, pretrained: bool = False, **kwargs: Any) -> VisionAttnTransformer:
-    backbone = {k: kwargs.pop(k) for k in list(kwargs) if k in BACKBONE_KEYS}
+    keys = backbone_keys()
+    backbone = {k: kwargs.pop(k) for k in list(kwargs) if k in keys}
     return build_model_with_cfg(
         VisionAttnTransformer,
         timm_name(variant, size),

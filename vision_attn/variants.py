@@ -4,8 +4,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .attention import attention_class, attention_kinds
-from .attention.window import PADDINGS
+from .attention import attention_class, attention_kinds, option_keys, validate_options
 from .backbone import VisionAttnTransformer, stage_windows
 from .errors import ConfigError
 
@@ -21,8 +20,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "swin_global_tokens": dict(block_pattern=["window", "shifted_window"], family="swin",
                                defaults=dict(global_tokens=4)),
     "swin_sr": dict(block_pattern=["spatial_reduction"], family="swin", defaults=dict(sr_ratio=[8, 4, 2, 1])),
-    "swin_lsh": dict(block_pattern=["lsh"], family="swin", defaults=dict(lsh_chunk=64, lsh_hashes=1)),
-    "swin_routed": dict(block_pattern=["routed"], family="swin", defaults=dict(routed_topk=4)),
+    "swin_lsh": dict(block_pattern=["lsh"], family="swin"),
+    "swin_routed": dict(block_pattern=["routed"], family="swin"),
 }
 
 # Swin-T/S/B for tiny/small/base; pico and nano train in minutes on a 2-core CPU and are
@@ -68,7 +67,11 @@ def size_defaults(variant: str, size: str) -> dict[str, Any]:
     return dict(SIZES[size])
 
 
-BACKBONE_KEYS = set(inspect.signature(VisionAttnTransformer).parameters)
+def backbone_keys() -> set[str]:
+    """The backbone's own arguments, and every registered kind's options (vision_attn/attention/options.py)."""
+    params = inspect.signature(VisionAttnTransformer).parameters.values()
+    own = {p.name for p in params if p.kind is not p.VAR_KEYWORD}
+    return own | set(option_keys())
 
 
 def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str, Any]:
@@ -81,9 +84,10 @@ def model_kwargs(variant: str, size: str = "tiny", **overrides: Any) -> dict[str
     kwargs.update(VARIANTS[variant].get("defaults", {}))
     if "dilated" in kwargs["block_pattern"]:
         kwargs["dilations"] = DILATIONS[size]
+    keys = backbone_keys()
     for key, value in overrides.items():
-        if key not in BACKBONE_KEYS:
-            raise ConfigError(f"unknown model key model.{key}; valid keys: {sorted(BACKBONE_KEYS)}")
+        if key not in keys:
+            raise ConfigError(f"unknown model key model.{key}; valid keys: {sorted(keys)}")
         if value is not None:
             kwargs[key] = value
     validate(kwargs)
@@ -98,21 +102,14 @@ def _positive(kwargs: dict[str, Any], key: str, minimum: int = 1) -> None:
             raise ConfigError(f"model.{key}={kwargs[key]} must be {what} (or one per stage)")
 
 
-def _validate_beyond_local(kwargs: dict[str, Any]) -> None:
-    """Keys of the spatial_reduction / lsh / routed kinds and of global tokens."""
-    for key in ("sr_ratio", "lsh_chunk", "lsh_hashes", "routed_topk", "global_tokens"):
-        if key not in kwargs:
-            continue
-        _positive(kwargs, key, minimum=0 if key == "global_tokens" else 1)
-        value = kwargs[key]
-        if isinstance(value, (list, tuple)) and (key == "lsh_hashes" or len(value) != len(kwargs["depths"])):
-            raise ConfigError(f"model.{key}={list(value)} must be an integer" +
-                              ("" if key == "lsh_hashes" else f" or one per stage ({len(kwargs['depths'])})"))
-    buckets = kwargs.get("lsh_buckets", 0)
-    if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 0 or buckets % 2:
-        raise ConfigError(
-            f"model.lsh_buckets={buckets} must be 0 (auto: 2 * ceil(tokens / lsh_chunk)) or an even integer >= 2"
-        )
+def _validate_global_tokens(kwargs: dict[str, Any]) -> None:
+    """``model.global_tokens`` (and memory tokens): counts, and kinds that can read them."""
+    if "global_tokens" in kwargs:
+        _positive(kwargs, "global_tokens", minimum=0)
+        value = kwargs["global_tokens"]
+        if isinstance(value, (list, tuple)) and len(value) != len(kwargs["depths"]):
+            raise ConfigError(f"model.global_tokens={list(value)} must be an integer or one per stage "
+                              f"({len(kwargs['depths'])})")
     tokens = kwargs.get("global_tokens", 0)
     for key, value in (("global_tokens", tokens), ("memory_tokens", kwargs.get("memory_tokens", 0))):
         if not (any(value) if isinstance(value, (list, tuple)) else value):
@@ -177,7 +174,7 @@ def _validate_per_stage(kwargs: dict[str, Any], stages: int) -> None:
 
 
 def _validate_windows(kwargs: dict[str, Any], stages: int) -> None:
-    """``model.window_size`` per :func:`stage_windows`; non-square only for kinds that take it; padding."""
+    """``model.window_size`` per :func:`stage_windows`; non-square only for kinds that take it."""
     windows = stage_windows(kwargs.get("window_size", 7), stages)
     rect = [w for w in windows if not isinstance(w, int)]
     square_only = [k for k in dict.fromkeys(kwargs["block_pattern"])
@@ -186,12 +183,6 @@ def _validate_windows(kwargs: dict[str, Any], stages: int) -> None:
         raise ConfigError(
             f"model.window_size={kwargs['window_size']}: non-square windows {rect} need window kinds, but "
             f"{square_only} in model.block_pattern read window_size as a square size; use an integer per stage"
-        )
-    padding = kwargs.get("window_padding", "mask")
-    if padding not in PADDINGS:
-        raise ConfigError(
-            f"model.window_padding={padding!r}: choose 'mask' (padded keys never attended) or 'timm' "
-            "(timm's Swin: roll, zero-pad, attend the pads)"
         )
 
 
@@ -218,5 +209,6 @@ def validate(kwargs: dict[str, Any]) -> None:
     if unknown:
         raise ConfigError(f"model.block_pattern has unknown attention kinds {unknown}; registered: {attention_kinds()}")
     _validate_windows(kwargs, len(depths))
-    _validate_beyond_local(kwargs)
+    validate_options(kwargs, len(depths))
+    _validate_global_tokens(kwargs)
     _validate_tiles(kwargs)

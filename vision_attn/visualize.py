@@ -71,7 +71,8 @@ def kind_patterns(dim: int, num_heads: int, h: int, w: int, spec: AttnSpec,
     the keys they pick for a typical input.
     """
     points = query_points(h, w)
-    spec = replace(spec, dilation=max(spec.dilation, 2), sr_ratio=sr_ratio, attn_drop=0.0, proj_drop=0.0)
+    spec = replace(spec, dilation=max(spec.dilation, 2), options={**spec.options, "sr_ratio": sr_ratio},
+                   attn_drop=0.0, proj_drop=0.0)
     square = replace(spec, window_size=max(to_2tuple(spec.window_size)))  # for kinds that take no (h, w) window
     x = torch.randn(1, h, w, dim, generator=torch.Generator().manual_seed(0))
     maps = {}

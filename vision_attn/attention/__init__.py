@@ -5,7 +5,17 @@ from .global_tokens import global_token_attention
 from .grid import GridAttention, grid_attention
 from .lsh import LSHAttention, lsh_attention
 from .neighborhood import DilatedNeighborhoodAttention, NeighborhoodAttention, neighborhood_attention
-from .registry import AttnSpec, attention_class, attention_kinds, create_attention, register_attention
+from .options import KindOptions, option
+from .registry import (
+                       AttnSpec,
+                       attention_class,
+                       attention_kinds,
+                       create_attention,
+                       option_keys,
+                       register_attention,
+                       stage_options,
+                       validate_options,
+)
 from .rel_pos import bias_grid, resize_bias_table
 from .routed import RoutedAttention, routed_attention
 from .spatial_reduction import SpatialReductionAttention, spatial_reduction_attention
@@ -13,6 +23,11 @@ from .window import ShiftedWindowAttention, WindowAttention, window_attention
 
 __all__ = [
     "AttnSpec",
+    "KindOptions",
+    "option",
+    "option_keys",
+    "stage_options",
+    "validate_options",
     "backends",
     "attention_kinds",
     "create_attention",

@@ -30,14 +30,17 @@ Memory is ``O(N * 2 * chunk * n_hashes)`` scores: no ``N x N`` matrix is built.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from .base import QKVAttention
 from .cache import tensor_cache, tracing
+from .options import KindOptions, option
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, clipped_pair_index, new_bias_table
 
@@ -154,7 +157,24 @@ def _score_table(bias: Optional[torch.Tensor], heads: int, like: torch.Tensor) -
     return torch.cat([flat + centre, like.new_full((heads, 1), float("-inf"))], 1)
 
 
-@register_attention("lsh")
+@dataclass(frozen=True)
+class LSHOptions(KindOptions):
+    """Options of the lsh kind."""
+
+    chunk: int = option("lsh_chunk", 64, minimum=1, per_stage=True,
+                        doc="tokens per sorted chunk; each query sees its chunk and the previous one")
+    buckets: int = option("lsh_buckets", 0, doc="hash buckets (even); 0 = 2 * ceil(N / chunk) on an N-token map")
+    hashes: int = option("lsh_hashes", 1, minimum=1, doc="hash rounds, combined by log-sum-exp")
+
+    def check(self) -> None:
+        b = self.buckets
+        if isinstance(b, bool) or not isinstance(b, int) or b < 0 or b % 2:
+            raise ConfigError(
+                f"model.lsh_buckets={b} must be 0 (auto: 2 * ceil(tokens / lsh_chunk)) or an even integer >= 2"
+            )
+
+
+@register_attention("lsh", options=LSHOptions)
 class LSHAttention(QKVAttention):
     """Reformer LSH attention, shared query-key (``qkv`` projects ``qk`` and ``v``), clipped bias."""
 
@@ -162,14 +182,9 @@ class LSHAttention(QKVAttention):
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
-        if spec.lsh_chunk < 1:
-            raise ValueError(f"lsh_chunk must be >= 1, got {spec.lsh_chunk}")
-        if spec.lsh_hashes < 1:
-            raise ValueError(f"lsh_hashes must be >= 1, got {spec.lsh_hashes}")
-        if spec.lsh_buckets < 0 or spec.lsh_buckets % 2:
-            raise ValueError(f"lsh_buckets must be 0 (auto) or even, got {spec.lsh_buckets}")
+        opts = LSHOptions.from_config(spec.options)
         self.qkv = nn.Linear(dim, dim * 2, bias=spec.qkv_bias)  # shared qk, v
-        self.chunk, self.n_hashes, self.buckets = spec.lsh_chunk, spec.lsh_hashes, spec.lsh_buckets
+        self.chunk, self.n_hashes, self.buckets = opts.chunk, opts.hashes, opts.buckets
         self.window_size = spec.window_size
         self.register_buffer("hash_seed", torch.randint(1 << 31, ()), persistent=True)
         self._seed = int(self.hash_seed)  # read without a data-dependent int() while torch.export traces

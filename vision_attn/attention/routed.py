@@ -18,6 +18,7 @@ pure attention pattern. Memory is ``O(N * topk * w^2)`` scores.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 
 from .base import QKVAttention
 from .cache import tensor_cache
+from .options import KindOptions, option
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 from .window import WindowGeometry, heads_to_windows, partition, unpartition
@@ -121,7 +123,15 @@ def routed_attention(
     return (out[..., :-1], out[..., -1]) if return_lse else out
 
 
-@register_attention("routed")
+@dataclass(frozen=True)
+class RoutedOptions(KindOptions):
+    """Options of the routed kind (its region side is the stage's ``window_size``)."""
+
+    topk: int = option("routed_topk", 4, minimum=1, per_stage=True,
+                       doc="regions (window_size x window_size tokens) gathered per region")
+
+
+@register_attention("routed", options=RoutedOptions)
 class RoutedAttention(QKVAttention):
     """BiFormer bi-level routing attention: regions of ``window_size``, ``routed_topk`` regions each."""
 
@@ -131,9 +141,7 @@ class RoutedAttention(QKVAttention):
         super().__init__(dim, num_heads, spec)
         if spec.window_size < 1:
             raise ValueError(f"window_size must be >= 1, got {spec.window_size}")
-        if spec.routed_topk < 1:
-            raise ValueError(f"routed_topk must be >= 1, got {spec.routed_topk}")
-        self.region, self.topk = spec.window_size, spec.routed_topk
+        self.region, self.topk = spec.window_size, RoutedOptions.from_config(spec.options).topk
         self.window_size = spec.window_size  # bias table size (and region side)
         self.relative_position_bias_table = new_bias_table(num_heads, spec.window_size) if spec.rel_pos_bias else None
 

@@ -25,6 +25,7 @@ spread evenly over the real tokens the cell covers, so each row still sums to 1 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -33,6 +34,7 @@ from torch import nn
 
 from .base import QKVAttention
 from .cache import tensor_cache
+from .options import KindOptions, option
 from .registry import AttnSpec, register_attention
 from .rel_pos import bias_grid, new_bias_table
 
@@ -79,18 +81,23 @@ def spatial_reduction_attention(
     return out.view(B, nh, H, W, -1)
 
 
-@register_attention("spatial_reduction")
+@dataclass(frozen=True)
+class SpatialReductionOptions(KindOptions):
+    """Options of the spatial_reduction kind."""
+
+    ratio: int = option("sr_ratio", 1, minimum=1, per_stage=True, doc="keys/values from a map downsampled r x r")
+
+
+@register_attention("spatial_reduction", options=SpatialReductionOptions)
 class SpatialReductionAttention(QKVAttention):
-    """PVT spatial-reduction attention with ratio ``spec.sr_ratio`` and a clipped relative bias."""
+    """PVT spatial-reduction attention with ratio ``model.sr_ratio`` and a clipped relative bias."""
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
-        if spec.sr_ratio < 1:
-            raise ValueError(f"sr_ratio must be >= 1, got {spec.sr_ratio}")
-        self.sr_ratio = spec.sr_ratio
+        self.sr_ratio = r = SpatialReductionOptions.from_config(spec.options).ratio
         self.window_size = spec.window_size
-        if spec.sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, spec.sr_ratio, stride=spec.sr_ratio, groups=dim)
+        if r > 1:
+            self.sr = nn.Conv2d(dim, dim, r, stride=r, groups=dim)
             self.norm = nn.LayerNorm(dim)
         self.relative_position_bias_table = new_bias_table(num_heads, spec.window_size) if spec.rel_pos_bias else None
 

@@ -22,10 +22,20 @@ from timm.layers import to_2tuple
 from . import backends
 from .base import QKVAttention
 from .cache import tensor_cache
+from .options import KindOptions, option
 from .registry import AttnSpec, register_attention
 from .rel_pos import Size, bias_grid, new_bias_table, window_bias
 
-PADDINGS = ("mask", "timm")
+#: ``model.window_padding`` for maps not a multiple of the window: what each choice means.
+PADDING_CHOICES = {"mask": "padded keys never attended", "timm": "timm's Swin: roll, zero-pad, attend the pads"}
+PADDINGS = tuple(PADDING_CHOICES)
+
+
+@dataclass(frozen=True)
+class WindowOptions(KindOptions):
+    """Options of the window kinds (window, shifted_window)."""
+
+    padding: str = option("window_padding", "mask", choices=PADDING_CHOICES)
 
 
 @dataclass(frozen=True)
@@ -377,7 +387,7 @@ def _fmt(size: tuple[int, int]) -> Size:
     return size[0] if size[0] == size[1] else size
 
 
-@register_attention("window")
+@register_attention("window", options=WindowOptions)
 class WindowAttention(QKVAttention):
     """Swin W-MSA on a ``(B, H, W, C)`` map, with a learned relative position bias (``wh x ww`` windows)."""
 
@@ -390,9 +400,7 @@ class WindowAttention(QKVAttention):
         self.window_size: tuple[int, int] = to_2tuple(spec.window_size)
         if min(self.window_size) < 1:
             raise ValueError(f"window_size must be >= 1, got {spec.window_size}")
-        if spec.window_padding not in PADDINGS:
-            raise ValueError(f"window_padding must be one of {PADDINGS}, got {spec.window_padding!r}")
-        self.padding = spec.window_padding
+        self.padding = WindowOptions.from_config(spec.options).padding
         self.shift_size = tuple(w // 2 for w in self.window_size) if self.shifted else (0, 0)  # timm's rule
         self.relative_position_bias_table = new_bias_table(num_heads, self.window_size) if spec.rel_pos_bias else None
 
@@ -453,7 +461,7 @@ class WindowAttention(QKVAttention):
                 f"shift={_fmt(self.shift_size)}{pad}")
 
 
-@register_attention("shifted_window")
+@register_attention("shifted_window", options=WindowOptions)
 class ShiftedWindowAttention(WindowAttention):
     """Swin SW-MSA: window attention after a cyclic shift by half a window per axis, ``(wh // 2, ww // 2)``."""
 

@@ -229,7 +229,7 @@ def profiled_ops() -> Iterator[set[str]]:
 # ----------------------------------------------------------------------------- module vs reference
 
 DIM, HEADS = 32, 2
-KIND_SPEC = AttnSpec(window_size=4, kernel_size=5, dilation=2, sr_ratio=2, lsh_chunk=16, routed_topk=2)
+KIND_SPEC = AttnSpec.of(window_size=4, kernel_size=5, dilation=2, sr_ratio=2, lsh_chunk=16, routed_topk=2)
 KIND_SHAPE = (2, 13, 11)  # batch, H, W: neither a multiple of the window nor of the kernel
 # Relative tolerances (output and input gradient, weight gradients): max abs(test - ref) <= tol *
 # max abs(ref), per tensor. CPU, 4 seeds: fp32 vs float64 <= 1.1e-6; bf16 autocast vs float64 <= 1e-2
