@@ -84,7 +84,7 @@ def _what(f: dataclasses.Field) -> str:
         return "one of " + " or ".join(f"{c!r} ({meaning})" for c, meaning in choices.items())
     if minimum is not None:
         return "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    return f"a {type(f.default).__name__}"
+    return "a single value, not a list"
 
 
 def _check(key: str, f: dataclasses.Field, value: Any) -> None:
