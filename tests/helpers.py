@@ -1,6 +1,7 @@
 """Helpers shared by several test files (import them as ``from helpers import ...``; ``tests/`` is on
 ``sys.path`` through pyproject's ``pythonpath``): config composition, the tiny train.py overrides,
-reading W&B offline runs and train.py's final metrics, the shapes dataset's object centres."""
+reading W&B offline runs and train.py's final metrics, the shapes dataset's object centres, the
+attention kinds and variants beyond local windows with a float64 module factory for them."""
 from __future__ import annotations
 
 import json
@@ -10,8 +11,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
+
+from vision_attn.attention import AttnSpec, create_attention
 
 # ----------------------------------------------------------------------------- config (conf/)
 
@@ -76,3 +80,19 @@ def objects(img: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
     """Centres of the red disk and the blue square, found from the pixels alone."""
     r, g, b = (img[..., i].astype(int) for i in range(3))
     return centroid((r > 150) & (b < 120)), centroid((b > 150) & (r < 120))
+
+
+# ----------------------------------------------------------------------------- attention beyond local windows
+
+BEYOND_LOCAL_KINDS = ["spatial_reduction", "lsh", "routed"]
+BEYOND_LOCAL_VARIANTS = ["swin_global_tokens", "swin_sr", "swin_lsh", "swin_routed"]
+
+
+def attention_module(kind: str, dim: int = 8, heads: int = 2, seed: int = 0, **spec) -> torch.nn.Module:
+    """A float64 eval-mode attention module (window 3, kernel 3 unless ``spec`` says otherwise) with a
+    bias table large enough to matter."""
+    torch.manual_seed(seed)
+    m = create_attention(kind, dim, heads, AttnSpec(**{"window_size": 3, "kernel_size": 3, **spec})).double().eval()
+    if getattr(m, "relative_position_bias_table", None) is not None:
+        torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)  # make the bias matter
+    return m

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import BEYOND_LOCAL_KINDS
 from reference import global_reference, grid_reference
 
 import vision_attn.attention as attention
-from vision_attn.attention import AttnSpec, create_attention
+from vision_attn.attention import AttnSpec, attention_kinds, create_attention
 from vision_attn.attention.rel_pos import bias_grid
 
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -77,3 +78,7 @@ def test_module_trains(kind: str) -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_new_kinds_are_registered() -> None:
+    assert set(BEYOND_LOCAL_KINDS) <= set(attention_kinds())

@@ -1,5 +1,5 @@
-"""Benchmark helpers: the model bench's attention-skipped case, the attention bench's halo floor, route
-suffixes and targets, the routes bench's attention-free case."""
+"""``python -m vision_attn.bench model`` (vision_attn/bench/model.py): the attention-skipped case replaces
+only the kernel and restores it."""
 from __future__ import annotations
 
 import torch
@@ -20,83 +20,3 @@ def test_attention_skipped_step_replaces_only_the_kernel_and_restores_it() -> No
     expected = window_module.unpartition(attn.merge_heads(v), geo)  # qkv -> out = v -> proj
     torch.testing.assert_close(outs[0], expected)
     assert not torch.allclose(attn(x), expected)  # attention is back afterwards
-
-
-def test_attention_bench_halo_floor_reports_each_tile_shape_against_window() -> None:
-    from vision_attn.bench.attention import halo_floor
-
-    rows = halo_floor(14, ["4x8", "1x1"], reps=1)
-    assert [r[1:4] for r in rows] == [
-        ["window", "49 x 49", "1.00x"],
-        ["tile 4x8", "32 x 140", "2.86x"],  # (4+6) x (8+6) halo keys per query vs 49
-        ["tile 1x1", "1 x 49", "1.00x"],
-    ]
-    assert rows[0][5] == "1.00x" and all(float(r[4]) > 0 for r in rows)
-
-
-def test_attention_bench_route_suffixes_pick_the_kernel(monkeypatch) -> None:
-    """``neighborhood[torch]`` runs the tiled kernel, no suffix the fused one (where it builds),
-    ``window[sdpa]`` trains the bias through SDPA's math path; all give the same numbers."""
-    from unittest import mock
-
-    from vision_attn.attention import backends, fused
-    from vision_attn.attention import neighborhood as nb
-    from vision_attn.attention.rel_pos import bias_grid
-    from vision_attn.bench.attention import Inputs, kernel_for
-
-    monkeypatch.delenv(backends.LEGACY_NA_ENV, raising=False)
-    inp = Inputs.make(16)
-    g = inp.table.detach()
-    grid = g.view(13, 13, 3).permute(2, 0, 1).flip(1, 2)
-    with mock.patch.object(nb, "tiled_attention", wraps=nb.tiled_attention) as tiled:
-        a = kernel_for("dilated_2")(inp.q, inp.k, inp.v, grid)
-        assert tiled.call_count == (0 if fused.library() is not None else 1)
-        b = kernel_for("dilated_2[torch]")(inp.q, inp.k, inp.v, grid)
-        assert tiled.call_count == (1 if fused.library() is not None else 2)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert backends.requested("neighborhood") == ("auto", "auto")  # the suffix's route is restored
-    big = Inputs.make(56)  # 2 x 64 windows: training the bias takes our per-head kernel by default
-    grid = bias_grid(big.table)
-    fn = window_module._WindowAttentionFunction
-    with mock.patch.object(fn, "apply", wraps=fn.apply) as per_head:
-        kernel_for("window")(big.q, big.k, big.v, grid)
-        assert per_head.call_count == 1
-        big.step(kernel_for("window[sdpa]"))
-        assert per_head.call_count == 1
-    torch.testing.assert_close(kernel_for("window[sdpa]")(big.q, big.k, big.v, grid),
-                               kernel_for("window")(big.q, big.k, big.v, grid))
-
-
-def test_attention_bench_targets_use_the_faster_window_and_both_routes() -> None:
-    from vision_attn.bench.attention import targets
-
-    rows = [{"size": 56, "kind": k, "ms": ms, "peak_mb": mb} for k, ms, mb in [
-        ("window", 20.0, 40.0), ("window[sdpa]", 16.0, 40.0), ("neighborhood", 15.0, 30.0),
-        ("neighborhood[torch]", 48.0, 80.0), ("dilated_2", 15.0, 30.0), ("dilated_3", 16.5, 30.0),
-        ("dilated_4", 15.5, 30.0)]]
-    text = targets(rows)
-    assert "| fused: neighborhood / window time, 56² (<= 1.0x) | 0.94x | met |" in text  # 15 / min(20, 16)
-    assert "| tiled: neighborhood / window time, 56² (<= 1.0x) | 3.00x | MISSED |" in text
-    assert "| fused: worst dilated (d=2..4) / neighborhood time, 56² (<= 1.05x) | 1.10x | MISSED |" in text
-    assert "| tiled: worst dilated (d=2..4) / neighborhood time, 56² (<= 1.05x) | not measured | - |" in text
-
-
-def test_routes_bench_attention_free_replaces_both_kernels() -> None:
-    """``bench routes --attention-share``: inside attention_free() window and neighborhood attention
-    are out = v (qkv, proj and the rest kept), and both come back afterwards."""
-    from vision_attn.attention import create_attention
-    from vision_attn.attention.backends import attention_free
-    from vision_attn.bench.routes import cases
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 6, 6, 8)
-    for kind in ("window", "neighborhood"):
-        attn = create_attention(kind, 8, 2, AttnSpec(window_size=3, kernel_size=3))
-        with attention_free():
-            free = attn(x)
-        v = attn.qkv(x).view(1, 6, 6, 3, 8)[..., 2, :]
-        torch.testing.assert_close(free, attn.proj(v))
-        assert not torch.allclose(attn(x), free)
-    names = list(cases(["swin", "swin_local"], "pico", 32, 2, share=True))
-    assert names == ["swin", "swin (attention free)", "swin_local [fused]", "swin_local [fused] (attention free)",
-                     "swin_local [tiled]", "swin_local [tiled] (attention free)"]
