@@ -22,7 +22,7 @@ def check_version(version: str = L.__version__) -> None:
         raise RuntimeError(
             f"lightning {version} is installed, but vision_attn/lightning_compat.py uses Lightning {TESTED}'s "
             "internals (checkpoint connector, fit-loop progress and combined-loader state); re-check them "
-            f"against {version} (tests/test_lightning_compat.py) and update TESTED, or install the locked "
+            f"against {version} (tests/training/test_lightning_compat.py) and update TESTED, or install the locked "
             "version (make venv)"
         )
 

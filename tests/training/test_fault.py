@@ -19,9 +19,9 @@ import pytest
 import torch
 from conftest import ROOT, run_train
 from fault_helpers import Crash, CrashAtStep, SigtermAt
+from helpers import TINY, final_metrics
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from test_train import TINY
 
 from data.datamodule import ShapesDataModule
 from data.resumable import ResumableDataLoader, ResumableSampler, resumable_train_loader
@@ -36,12 +36,6 @@ from vision_attn.fault import (
 from vision_attn.module import ClassificationModule
 
 OPTIM = dict(opt="adamw", lr=2e-3, weight_decay=0.05, warmup_epochs=0.5, warmup_lr=1e-5, min_lr=1e-5)
-
-
-def final_metrics(out: str) -> dict[str, float]:
-    """``train.py``'s ``final metrics: k=v ...`` line as a dict."""
-    line = [ln for ln in out.splitlines() if "final metrics:" in ln][-1]
-    return {k: float(v) for k, v in re.findall(r"(\S+)=([-\d.naif]+)", line.split("final metrics:", 1)[1])}
 
 
 # --- atomic writes -------------------------------------------------------------------------------

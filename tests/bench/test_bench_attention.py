@@ -1,25 +1,24 @@
-"""Benchmark helpers: the model bench's attention-skipped case, the attention bench's halo floor, route
-suffixes and targets, the routes bench's attention-free case."""
+"""``python -m vision_attn.bench attention`` (vision_attn/bench/attention.py): every kind is timed, the
+halo floor per tile shape, route suffixes pick the kernel, the targets table."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vision_attn.attention import window as window_module
-from vision_attn.attention.registry import AttnSpec
-from vision_attn.bench.model import _attention_skipped
 
 
-def test_attention_skipped_step_replaces_only_the_kernel_and_restores_it() -> None:
-    torch.manual_seed(0)
-    attn = window_module.WindowAttention(8, 2, AttnSpec(window_size=2))
-    x = torch.randn(1, 4, 4, 8)
-    outs = []
-    _attention_skipped(lambda: outs.append(attn(x)))()
-    geo = window_module.WindowGeometry.of(4, 4, 2)
-    _, _, v = attn.split_qkv(window_module.partition(x, geo))
-    expected = window_module.unpartition(attn.merge_heads(v), geo)  # qkv -> out = v -> proj
-    torch.testing.assert_close(outs[0], expected)
-    assert not torch.allclose(attn(x), expected)  # attention is back afterwards
+@pytest.mark.usefixtures("one_thread")
+def test_bench_times_every_new_kind() -> None:
+    from vision_attn.bench.attention import KINDS, Inputs, kernel_for, skipped
+
+    new = ["spatial_reduction", "lsh", "routed", "window+global_tokens"]
+    assert set(new) <= set(KINDS)
+    inputs = Inputs.make(14)
+    for kind in new:
+        inputs.step(kernel_for(kind))
+    assert skipped("spatial_reduction", 224, 4.0) and not skipped("spatial_reduction", 112, 4.0)
+    assert not any(skipped(kind, 224, 4.0) for kind in ("lsh", "routed", "window+global_tokens"))
 
 
 def test_attention_bench_halo_floor_reports_each_tile_shape_against_window() -> None:
@@ -79,24 +78,3 @@ def test_attention_bench_targets_use_the_faster_window_and_both_routes() -> None
     assert "| tiled: neighborhood / window time, 56² (<= 1.0x) | 3.00x | MISSED |" in text
     assert "| fused: worst dilated (d=2..4) / neighborhood time, 56² (<= 1.05x) | 1.10x | MISSED |" in text
     assert "| tiled: worst dilated (d=2..4) / neighborhood time, 56² (<= 1.05x) | not measured | - |" in text
-
-
-def test_routes_bench_attention_free_replaces_both_kernels() -> None:
-    """``bench routes --attention-share``: inside attention_free() window and neighborhood attention
-    are out = v (qkv, proj and the rest kept), and both come back afterwards."""
-    from vision_attn.attention import create_attention
-    from vision_attn.attention.backends import attention_free
-    from vision_attn.bench.routes import cases
-
-    torch.manual_seed(0)
-    x = torch.randn(1, 6, 6, 8)
-    for kind in ("window", "neighborhood"):
-        attn = create_attention(kind, 8, 2, AttnSpec(window_size=3, kernel_size=3))
-        with attention_free():
-            free = attn(x)
-        v = attn.qkv(x).view(1, 6, 6, 3, 8)[..., 2, :]
-        torch.testing.assert_close(free, attn.proj(v))
-        assert not torch.allclose(attn(x), free)
-    names = list(cases(["swin", "swin_local"], "pico", 32, 2, share=True))
-    assert names == ["swin", "swin (attention free)", "swin_local [fused]", "swin_local [fused] (attention free)",
-                     "swin_local [tiled]", "swin_local [tiled] (attention free)"]

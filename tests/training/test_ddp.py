@@ -6,7 +6,7 @@ import glob
 import pytest
 import torch
 from conftest import run_train
-from test_fault import final_metrics
+from helpers import final_metrics
 
 # 64 training images, 2 epochs. One process: batches of 16. Two processes: 8 each, and rank r
 # takes positions r, r+2, ... of the same seeded order, so every step averages gradients over

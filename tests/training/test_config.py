@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 from conftest import ROOT
+from helpers import cfg_with
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -21,11 +22,6 @@ from data.fakes import make_imagefolder
 from vision_attn.callbacks import PlainProgressBar, progress_bar
 from vision_attn.errors import ConfigError, config_error_in
 from vision_attn.variants import VARIANTS
-
-
-def cfg_with(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def test_defaults_compose_to_swin_on_shapes_with_wandb():
@@ -162,7 +158,7 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
     two objects lie farther apart than every local kind's stage-1 and stage-2 reach."""
     import re
 
-    from test_shapes import objects
+    from helpers import objects
 
     from data.shapes import render
 

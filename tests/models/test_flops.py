@@ -6,8 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import BEYOND_LOCAL_VARIANTS as NEW_VARIANTS
 from torch.utils.flop_counter import FlopCounterMode
 
+import vision_attn as va
 from vision_attn import create_model
 from vision_attn.attention import AttnSpec, backends, create_attention
 from vision_attn.summary import summarize
@@ -127,3 +129,13 @@ def test_the_fused_kernel_has_a_flop_formula_for_any_flop_counter() -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter, backends.force("fused"):
         neighborhood_attention(q, k, v, 5)
     assert counter.get_total_flops() == 2 * HEADS * 143 * 25 * 2 * D
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("variant", NEW_VARIANTS)
+def test_flop_summary_of_every_new_variant(variant: str) -> None:
+    """The run summary (torch's flop counter, module hooks under no_grad) works for each variant."""
+    from vision_attn.summary import summarize
+
+    summary = summarize(va.create_model(variant, "pico", num_classes=3, img_size=32), 32)
+    assert summary.params > 0 and summary.gflops > 0

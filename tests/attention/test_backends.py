@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cfg_with
 from hydra.utils import instantiate
-from test_config import cfg_with
 
 from vision_attn import create_model
 from vision_attn.attention import backends

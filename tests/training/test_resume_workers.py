@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, run_train, start_train
-from test_fault import final_metrics
+from helpers import final_metrics
 
 from data.fakes import make_photo_crops, write_truncated
 from data.modules import ImageFolderDataModule

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from vision_attn.attention import attention_kinds, backends
@@ -18,7 +19,6 @@ from vision_attn.bench import gpu
 from vision_attn.bench.__main__ import main as bench_main
 from vision_attn.variants import VARIANTS
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_CUDA = "skipped: no CUDA"
 SDPA_ROUTES = [
     "window, no bias",

@@ -8,7 +8,7 @@ import sys
 
 import optuna
 from conftest import ROOT
-from test_train import TINY, inspect_wandb, wandb_records
+from helpers import TINY, inspect_wandb, wandb_records
 
 from vision_attn.loggers import _swept_keys
 

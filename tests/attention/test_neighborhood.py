@@ -1,7 +1,7 @@
 """Neighborhood / dilated attention against brute force (docs/attention.md semantics): the reference tests run
 through both CPU routes (``na_route``: the fused kernel and the tiled kernel); tests of the tiled
 kernel's own tiles, chunks and dropout pin it (``tiled_route``). More on the fused kernel:
-test_fused_neighborhood.py."""
+test_fused.py."""
 from __future__ import annotations
 
 import logging

@@ -3,47 +3,12 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 import yaml
+from helpers import TINY, inspect_wandb, wandb_records
 
 from data.fakes import make_imagefolder
-
-TINY = [
-    "trainer=debug",
-    "data.image_size=32",
-    "data.batch_size=16",
-    "data.train_size=64",
-    "data.val_size=32",
-    "data.test_size=32",
-    "model.embed_dim=16",
-    "callbacks.throughput.log_every_n_steps=1",
-]
-
-
-def inspect_wandb(run_dir: Path) -> dict:
-    """``python -m wandb leet inspect --summary --json`` on the offline run under ``run_dir``."""
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1, f"expected one offline run in {run_dir / 'wandb'}, found {runs}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(runs[0])],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
-
-
-def wandb_records(run_dir: Path, kind: str) -> list[dict]:
-    """Records of one type from ``wandb leet inspect --json`` (the raw transaction log)."""
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
-                          capture_output=True, text=True, timeout=120)
-    return [r for r in map(json.loads, proc.stdout.splitlines()) if r.get("type") == kind]
 
 
 def test_training_run_leaves_an_offline_wandb_run_with_metrics_and_resolved_config(train_runner, tmp_path):

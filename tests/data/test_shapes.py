@@ -7,21 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import centroid, objects
 
 from data.datamodule import ShapesDataModule
 from data.shapes import CLASSES, ShapesDataset, render
 from vision_attn.errors import ConfigError
-
-
-def centroid(mask: np.ndarray) -> tuple[float, float]:
-    ys, xs = np.nonzero(mask)
-    return xs.mean() + 0.5, ys.mean() + 0.5
-
-
-def objects(img: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Centres of the red disk and the blue square, found from the pixels alone."""
-    r, g, b = (img[..., i].astype(int) for i in range(3))
-    return centroid((r > 150) & (b < 120)), centroid((b > 150) & (r < 120))
 
 
 def test_at_least_eight_classes_all_present():

@@ -6,8 +6,8 @@ import re
 import pytest
 import timm
 import torch
+from helpers import cfg_with
 from hydra.utils import instantiate
-from test_config import cfg_with
 from timm.models.swin_transformer import SwinTransformer
 
 import vision_attn as va

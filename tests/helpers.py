@@ -1,0 +1,98 @@
+"""Helpers shared by several test files (import them as ``from helpers import ...``; ``tests/`` is on
+``sys.path`` through pyproject's ``pythonpath``): config composition, the tiny train.py overrides,
+reading W&B offline runs and train.py's final metrics, the shapes dataset's object centres, the
+attention kinds and variants beyond local windows with a float64 module factory for them."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+
+from vision_attn.attention import AttnSpec, create_attention
+
+# ----------------------------------------------------------------------------- config (conf/)
+
+
+def cfg_with(*overrides: str):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+# ----------------------------------------------------------------------------- train.py runs
+
+
+TINY = [
+    "trainer=debug",
+    "data.image_size=32",
+    "data.batch_size=16",
+    "data.train_size=64",
+    "data.val_size=32",
+    "data.test_size=32",
+    "model.embed_dim=16",
+    "callbacks.throughput.log_every_n_steps=1",
+]
+
+
+def inspect_wandb(run_dir: Path) -> dict:
+    """``python -m wandb leet inspect --summary --json`` on the offline run under ``run_dir``."""
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, f"expected one offline run in {run_dir / 'wandb'}, found {runs}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(runs[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wandb_records(run_dir: Path, kind: str) -> list[dict]:
+    """Records of one type from ``wandb leet inspect --json`` (the raw transaction log)."""
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
+                          capture_output=True, text=True, timeout=120)
+    return [r for r in map(json.loads, proc.stdout.splitlines()) if r.get("type") == kind]
+
+
+def final_metrics(out: str) -> dict[str, float]:
+    """``train.py``'s ``final metrics: k=v ...`` line as a dict."""
+    line = [ln for ln in out.splitlines() if "final metrics:" in ln][-1]
+    return {k: float(v) for k, v in re.findall(r"(\S+)=([-\d.naif]+)", line.split("final metrics:", 1)[1])}
+
+
+# ----------------------------------------------------------------------------- the shapes dataset
+
+
+def centroid(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return xs.mean() + 0.5, ys.mean() + 0.5
+
+
+def objects(img: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Centres of the red disk and the blue square, found from the pixels alone."""
+    r, g, b = (img[..., i].astype(int) for i in range(3))
+    return centroid((r > 150) & (b < 120)), centroid((b > 150) & (r < 120))
+
+
+# ----------------------------------------------------------------------------- attention beyond local windows
+
+BEYOND_LOCAL_KINDS = ["spatial_reduction", "lsh", "routed"]
+BEYOND_LOCAL_VARIANTS = ["swin_global_tokens", "swin_sr", "swin_lsh", "swin_routed"]
+
+
+def attention_module(kind: str, dim: int = 8, heads: int = 2, seed: int = 0, **spec) -> torch.nn.Module:
+    """A float64 eval-mode attention module (window 3, kernel 3 unless ``spec`` says otherwise) with a
+    bias table large enough to matter."""
+    torch.manual_seed(seed)
+    m = create_attention(kind, dim, heads, AttnSpec.of(**{"window_size": 3, "kernel_size": 3, **spec})).double().eval()
+    if getattr(m, "relative_position_bias_table", None) is not None:
+        torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)  # make the bias matter
+    return m
