@@ -2,8 +2,9 @@
 
 Semantics on an ``H x W`` map with ratio ``r = sr_ratio``: queries come from every token; keys
 and values come from the map reduced by a stride-``r`` ``r x r`` convolution (after zero padding
-at the bottom/right to multiples of ``r``) followed by LayerNorm, i.e. from
-``ceil(H/r) x ceil(W/r)`` cells. Every query attends to every cell: cost ``O(N * N / r^2)``.
+at the bottom/right to multiples of ``r``; ``model.sr_pool=conv``, the default) or by the mean of
+each cell's tokens (``sr_pool=avg``: an edge cell averages only the tokens it covers), followed by
+LayerNorm, i.e. from ``ceil(H/r) x ceil(W/r)`` cells. Every query attends to every cell: cost ``O(N * N / r^2)``.
 ``r = 1`` is plain global attention (PVT's last stage).
 
 Choices, documented because PVT differs:
@@ -81,11 +82,17 @@ def spatial_reduction_attention(
     return out.view(B, nh, H, W, -1)
 
 
+#: ``model.sr_pool``: how each ``r x r`` cell of the map is reduced, before the LayerNorm.
+POOLS = {"conv": "PVT: a strided depthwise conv over the zero-padded map",
+         "avg": "PVTv2-Li: the mean of the cell's tokens, no weights"}
+
+
 @dataclass(frozen=True)
 class SpatialReductionOptions(KindOptions):
     """Options of the spatial_reduction kind."""
 
     ratio: int = option("sr_ratio", 1, minimum=1, per_stage=True, doc="keys/values from a map downsampled r x r")
+    pool: str = option("sr_pool", "conv", choices=POOLS, doc="how an r x r cell becomes one key/value token")
 
 
 @register_attention("spatial_reduction", options=SpatialReductionOptions)
@@ -94,10 +101,13 @@ class SpatialReductionAttention(QKVAttention):
 
     def __init__(self, dim: int, num_heads: int, spec: AttnSpec) -> None:
         super().__init__(dim, num_heads, spec)
-        self.sr_ratio = r = SpatialReductionOptions.from_config(spec.options).ratio
+        opts = SpatialReductionOptions.from_config(spec.options)
+        r, pool = opts.ratio, opts.pool
+        self.sr_ratio, self.sr_pool = r, pool
         self.window_size = spec.window_size
         if r > 1:
-            self.sr = nn.Conv2d(dim, dim, r, stride=r, groups=dim)
+            if pool == "conv":
+                self.sr = nn.Conv2d(dim, dim, r, stride=r, groups=dim)
             self.norm = nn.LayerNorm(dim)
         self.relative_position_bias_table = new_bias_table(num_heads, spec.window_size) if spec.rel_pos_bias else None
 
@@ -106,10 +116,12 @@ class SpatialReductionAttention(QKVAttention):
         return None if t is None else bias_grid(t)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` -> ``(B, ceil(H/r), ceil(W/r), C)``: zero pad, strided conv, LayerNorm."""
+        """``(B, H, W, C)`` -> ``(B, ceil(H/r), ceil(W/r), C)``: each cell pooled (``sr_pool``), LayerNorm."""
         r = self.sr_ratio
         if r == 1:
             return x
+        if self.sr_pool == "avg":  # ceil_mode: an edge cell averages only the tokens it covers
+            return self.norm(F.avg_pool2d(x.permute(0, 3, 1, 2), r, ceil_mode=True).permute(0, 2, 3, 1))
         H, W = x.shape[1:3]
         x = F.pad(x, (0, 0, 0, reduced_size(W, r) * r - W, 0, reduced_size(H, r) * r - H))
         return self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -169,4 +181,5 @@ class SpatialReductionAttention(QKVAttention):
         return ("global" if self.sr_ratio == 1 else f"global, keys pooled {self.sr_ratio}x{self.sr_ratio}"), None
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, heads={self.num_heads}, sr_ratio={self.sr_ratio}, bias_clip={self.window_size}"
+        pool = ", sr_pool=avg" if self.sr_pool == "avg" else ""
+        return f"dim={self.dim}, heads={self.num_heads}, sr_ratio={self.sr_ratio}{pool}, bias_clip={self.window_size}"
