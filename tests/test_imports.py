@@ -3,6 +3,7 @@ cycle, and no module imports another module's private (``_name``) attribute."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from pathlib import Path
 
 from conftest import ROOT
@@ -80,3 +81,12 @@ def test_vision_attn_imports_run_one_way_without_private_names():
     assert len(edges) > 40 and "vision_attn.attention.registry" in edges["vision_attn.attention.lsh"]
     assert cycles(edges) == []
     assert private == []
+
+
+def test_every_package_directory_is_installed():
+    """pyproject's setuptools ``packages`` lists every directory with an ``__init__.py`` (a missing one is
+    left out of a wheel and of a non-editable install)."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {p.parent.relative_to(ROOT).as_posix().replace("/", ".")
+             for top in ("vision_attn", "data") for p in (ROOT / top).rglob("__init__.py")}
+    assert found == listed
