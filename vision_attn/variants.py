@@ -123,6 +123,22 @@ def _validate_global_tokens(kwargs: dict[str, Any]) -> None:
             )
 
 
+def _validate_option_owners(kwargs: dict[str, Any]) -> None:
+    """A kind's option set (not None) on a model whose block pattern lacks that kind would do nothing."""
+    pattern = list(dict.fromkeys(kwargs["block_pattern"]))
+    used = {key for kind in pattern for key in attention_class(kind).options_class.keys()}
+    for key in option_keys():
+        if kwargs.get(key) is None or key in used:
+            continue
+        owners = [k for k in attention_kinds() if key in attention_class(k).options_class.keys()]
+        variants = [v for v, d in VARIANTS.items() if set(owners) & set(d["block_pattern"])]
+        raise ConfigError(
+            f"model.{key}={kwargs[key]} is an option of the {' / '.join(owners)} attention, which this model's "
+            f"block pattern {pattern} does not use, so it would do nothing: drop it, or pick a variant with that "
+            f"kind ({', '.join(f'model={v}' for v in variants)})"
+        )
+
+
 def _validate_tiles(kwargs: dict[str, Any]) -> None:
     """``model.tile_size`` / ``memory_tokens`` / ``memory_bptt`` (vision_attn/tiling.py)."""
     def integer(key: str, minimum: int) -> Any:
@@ -210,5 +226,6 @@ def validate(kwargs: dict[str, Any]) -> None:
         raise ConfigError(f"model.block_pattern has unknown attention kinds {unknown}; registered: {attention_kinds()}")
     _validate_windows(kwargs, len(depths))
     validate_options(kwargs, len(depths))
+    _validate_option_owners(kwargs)
     _validate_global_tokens(kwargs)
     _validate_tiles(kwargs)

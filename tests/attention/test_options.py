@@ -80,6 +80,19 @@ def test_each_kind_validates_its_keys_before_building(overrides, message):
         va.create_model("swin", "pico", **overrides)
 
 
+def test_a_kinds_option_on_a_model_without_that_kind_is_refused():
+    """It would do nothing: the error names the key, its kind and the variants that have it."""
+    with pytest.raises(ConfigError, match=r"model\.lsh_chunk=8 is an option of the lsh attention, which this "
+                                          r"model's block pattern \['window', 'shifted_window'\] does not use.*"
+                                          r"\(model=swin_lsh\)"):
+        va.create_model("swin", "pico", lsh_chunk=8)
+    with pytest.raises(ConfigError, match=r"model\.window_padding=timm .* \['neighborhood'\].*model=swin,"):
+        va.create_model("swin_local", "pico", window_padding="timm")
+    # None is the config's "not set": every variant's yaml may carry the window kinds' key as null
+    assert va.create_model("swin_local", "pico", window_padding=None, sr_ratio=None).layers[0].blocks[0].attn.kind \
+        == "neighborhood"
+
+
 def _yaml_keys(variant: str) -> set[str]:
     return set(yaml.safe_load((ROOT / "conf" / "model" / f"{variant}.yaml").read_text())) - {"defaults"}
 

@@ -172,7 +172,9 @@ GLOBAL_KINDS = [k for k in attention_kinds() if attention_class(k).supports_glob
 def test_every_kind_with_global_tokens_carries_memory(kind: str) -> None:
     """Each kind trains through the stream: the memory parameters get gradients and the memory
     changes the features (vs. the same weights as independent tiles)."""
-    kw = dict(block_pattern=[kind], window_size=2, kernel_size=3, sr_ratio=2, lsh_chunk=8, routed_topk=2)
+    options = dict(sr_ratio=2, lsh_chunk=8, routed_topk=2)
+    kw = dict(block_pattern=[kind], window_size=2, kernel_size=3,
+              **{k: v for k, v in options.items() if k in attention_class(kind).options_class.keys()})
     torch.manual_seed(0)
     model = create_model("swin", size="pico", num_classes=3, img_size=64, tile_size=32, memory_tokens=2,
                          drop_path_rate=0.0, **kw)
