@@ -70,7 +70,7 @@ def test_the_backbone_rejects_a_key_no_kind_owns():
     [
         (dict(lsh_chunk=[8, 16]), r"model\.lsh_chunk=\[8, 16\] must be a positive integer or one per stage \(4\)"),
         (dict(lsh_hashes=[1, 1, 1, 1]), r"model\.lsh_hashes=\[1, 1, 1, 1\] must be a positive integer$"),
-        (dict(sr_ratio=[8, 4, 0, 1]), r"model\.sr_ratio=0 must be a positive integer \(or one per stage\)"),
+        (dict(sr_ratio=[8, 4, 0, 1]), r"model\.sr_ratio\[2\]=0 must be a positive integer \(or one per stage\)"),
         (dict(lsh_buckets=-2), r"model\.lsh_buckets=-2 must be 0 \(auto"),
         (dict(window_padding="zeros"), r"model\.window_padding='zeros': choose 'mask' \(.*\) or 'timm'"),
     ],
