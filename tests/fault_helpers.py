@@ -1,4 +1,5 @@
-"""Test-only callbacks for fault-injection runs of train.py (``+callbacks.x._target_=tests.fault_helpers.X``)."""
+"""Test-only callbacks for fault-injection runs of train.py (``+callbacks.x._target_=fault_helpers.X``, with
+tests/ on PYTHONPATH as the tests set it)."""
 from __future__ import annotations
 
 import os
