@@ -128,6 +128,8 @@ class ClassificationModule(L.LightningModule):
         # torchmetrics objects sync themselves); training: each rank's own, no per-step all-reduce.
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(images),
                  sync_dist=not on_step)
+        if split == "val":
+            self._record_val_correct(logits.detach(), labels)
         for k in self._top_ks:
             metric = self.metrics[f"{split}_acc{k}"]
             metric(logits.detach(), labels)
@@ -174,6 +176,29 @@ class ClassificationModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
+
+    # Per-sample top-1 correctness of the validation split, in loader order (the val loader does not
+    # shuffle, so position i is val sample i): ``best_val_correct`` keeps the epoch with the best
+    # accuracy (the best checkpoint's, when ``monitor`` is val/acc1), for reports by distance bins
+    # (``results.json``: ``val_acc_by_distance``). One device only: DDP ranks see strided shards.
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct: Optional[list[torch.Tensor]] = None
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        if not sanity and (self._trainer is None or self.trainer.world_size == 1):
+            self._val_correct = []
+
+    def _record_val_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        if getattr(self, "_val_correct", None) is not None:
+            self._val_correct.append((logits.argmax(dim=1) == labels).cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not getattr(self, "_val_correct", None):
+            return
+        correct = torch.cat(self._val_correct)
+        best = getattr(self, "best_val_correct", None)
+        if best is None or len(best) != len(correct) or correct.float().mean() > best.float().mean():
+            self.best_val_correct = correct
+        self._val_correct = None
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
