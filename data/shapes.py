@@ -24,6 +24,12 @@ so no single window or neighbourhood of any stage holds evidence of both. The la
 colours side by side: a sum of per-object features (pooling then a linear head) cannot tell
 (red, blue) from the mean of (red, red) and (blue, blue). :func:`far_evidence` gives each sample's
 centres, radius, centre distance and gap without drawing it (accuracy by distance bins).
+
+``task="far_dense"`` (``data=shapes_far_dense``): the same images with a dense label, one target per
+32 x 32 px cell (one token of the last stage: patch 4 and three merges), read by a 1x1 head on the
+last stage: a cell that holds pixels of one disk is labelled with the *other* disk's colour (0 red,
+1 blue), every other cell -1 (ignored). Each disk's cells must fetch evidence from >= 0.52 of the side
+away; no stage's window or kernel holds it.
 Image ``i`` of a split is a pure function of ``(seed, split, i)``; splits use disjoint
 random streams, so train, val and test never share an image.
 """
@@ -42,7 +48,10 @@ MATCH_CLASSES = ("same colour, same shape", "same colour, other shape", "other c
                  "other colour, other shape")
 SIDE_CLASSES = ("east", "west")
 FAR_CLASSES = ("same colour", "other colour")
-TASKS = {"direction": CLASSES, "match": MATCH_CLASSES, "side": SIDE_CLASSES, "far": FAR_CLASSES}
+FAR_DENSE_CLASSES = ("the other disk is red", "the other disk is blue")
+TASKS = {"direction": CLASSES, "match": MATCH_CLASSES, "side": SIDE_CLASSES, "far": FAR_CLASSES,
+         "far_dense": FAR_DENSE_CLASSES}
+DENSE_STRIDE = 32  # far_dense: pixels per target cell, the last stage's token (patch 4 x 2^3 merges)
 SPREAD = {"direction": 15.0, "side": 60.0}  # degrees either side of a sector's centre line
 PALETTE = ((220, 60, 40), (40, 90, 220), (60, 190, 70), (230, 200, 50))  # red, blue, green, yellow
 FAR_PALETTE = ((235, 45, 35), (35, 105, 245))  # red, blue: high contrast on the dark tinted background
@@ -134,10 +143,11 @@ def _layout(rng: np.random.Generator, label: int, size: int, sectors: int = 8,
 def render(seed: int, split: str, index: int, size: int, task: str = "direction") -> tuple[np.ndarray, int]:
     """Render image ``index`` of ``split`` as uint8 ``(size, size, 3)`` and its label (``task``: see above)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    if task == "far":
+    if task in ("far", "far_dense"):
         ev = _far_layout(rng, size)
-        return _paint(rng, size, [(0, ev["ax"], ev["ay"], ev["r"], FAR_PALETTE[ev["colour_a"]]),
-                                  (0, ev["bx"], ev["by"], ev["r"], FAR_PALETTE[ev["colour_b"]])]), ev["label"]
+        img = _paint(rng, size, [(0, ev["ax"], ev["ay"], ev["r"], FAR_PALETTE[ev["colour_a"]]),
+                                 (0, ev["bx"], ev["by"], ev["r"], FAR_PALETTE[ev["colour_b"]])])
+        return img, (far_dense_target(ev, size) if task == "far_dense" else ev["label"])
     if task == "match":
         return _render_match(rng, size)
     classes = TASKS[task]
@@ -182,6 +192,21 @@ def far_evidence(seed: int, split: str, index: int, size: int) -> dict:
     return _far_layout(np.random.default_rng([seed, SPLITS[split], index]), size)
 
 
+def far_dense_target(ev: dict, size: int, stride: int = DENSE_STRIDE) -> np.ndarray:
+    """``task="far_dense"``'s int64 ``(ceil(S / stride),) * 2`` target: cells whose square comes within
+    ``r - 1`` px of a disk's centre (at least a pixel deep into the disk) get the other disk's colour,
+    the rest -1. The two disks never share a cell (they are >= 0.52 S > ``stride`` apart)."""
+    n = -(-size // stride)
+    lo = np.arange(n, dtype=float) * stride
+    hi = np.minimum(lo + stride, size)
+    target = np.full((n, n), -1, np.int64)
+    for cx, cy, other in ((ev["ax"], ev["ay"], ev["colour_b"]), (ev["bx"], ev["by"], ev["colour_a"])):
+        dx = np.maximum(np.maximum(lo - cx, cx - hi), 0)  # per column: centre to the cell's x range
+        dy = np.maximum(np.maximum(lo - cy, cy - hi), 0)
+        target[np.hypot(dy[:, None], dx[None, :]) <= ev["r"] - 1] = other
+    return target
+
+
 def far_bin_edges(size: int) -> list[float]:
     """``FAR_BINS`` in pixels at ``size``."""
     return [round(f * size, 1) for f in FAR_BINS]
@@ -217,7 +242,7 @@ class ShapesDataset(Dataset):
     def evidence_distances(self) -> np.ndarray | None:
         """Per sample, the distance between the evidence (px; ``task="far"``: centre to centre), in
         index order, or None for tasks that do not record it."""
-        if getattr(self, "task", "direction") != "far":
+        if getattr(self, "task", "direction") not in ("far", "far_dense"):
             return None
         return np.array([far_evidence(self.seed, self.split, i, self.image_size)["distance"]
                          for i in range(self.length)])
@@ -232,6 +257,8 @@ class ShapesDataset(Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         img, label = self.render(self.seed, self.split, index, self.image_size)
+        if isinstance(label, np.ndarray):  # a dense target (task="far_dense")
+            label = torch.from_numpy(label)
         item = torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
         if self.cache is not None:
             self.cache[index] = item

@@ -17,6 +17,7 @@ from test_shapes_far import far_disks, pixel_gap
 from data.shapes import far_bin_edges, render
 from vision_attn.bench import ablation
 from vision_attn.binned import accuracy_by_bins
+from vision_attn.errors import ConfigError
 
 LOCAL = ("swin", "swin_window", "swin_local", "swin_dilated")
 VARIANTS = {"swin", "swin_window", "swin_local", "swin_dilated", "maxvit_like", "swin_global_tokens", "swin_global"}
@@ -103,10 +104,31 @@ def test_module_keeps_the_best_val_epochs_per_sample_correctness():
     for logits, labels in epochs:
         module.on_validation_epoch_start()
         for row, label in zip(logits, labels):  # one sample a batch: concatenated in loader order
-            module._record_val_correct(torch.tensor([row]), torch.tensor([label]))
+            module._record_val_correct(torch.tensor([row]).argmax(1) == torch.tensor([label]))
         module.on_validation_epoch_end()
         kept.append(module.best_val_correct.tolist())
-    assert kept == [[True, True, False], [True, True, False], [True, True, True]]
+    assert kept == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_dense_targets_train_a_1x1_head_on_the_last_stage_tokens():
+    """A (B, h, w) target: the loss and top-1 cover only the labelled tokens (target >= 0), read by the
+    head's linear layer on each last-stage token; per image, the share of its labelled tokens right."""
+    module = instantiate(compose_preset("data=shapes_far_dense", "data.image_size=64", "model.embed_dim=16").module)
+    module.eval()  # no drop path: the same logits twice
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    targets = torch.tensor([[[0, -1], [-1, 1]], [[-1, -1], [1, -1]]])  # 64 px: a 2x2 last-stage map
+    logits, labels, per_image = module._dense_step(images, targets)
+    dense = module.model.head.fc(module.model.forward_features(images))  # (2, 2, 2, classes)
+    torch.testing.assert_close(logits, torch.stack([dense[0, 0, 0], dense[0, 1, 1], dense[1, 1, 0]]))
+    assert labels.tolist() == [0, 1, 1]
+    right = (dense.argmax(-1) == targets.clamp(min=0)).float()
+    expected = [(right[0, 0, 0] + right[0, 1, 1]) / 2, right[1, 1, 0]]
+    torch.testing.assert_close(per_image, torch.stack(expected))
+    loss = module._shared_step((images, targets), "train")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    with pytest.raises(ConfigError, match=r"targets are a \(3, 3\) map .* last stage is \(2, 2\)"):
+        module._dense_step(images, torch.zeros(2, 3, 3, dtype=torch.long))
 
 
 def write_run(root: Path, name: str, variant: str, seed: int, acc: float, bins: list, size: int = 448,

@@ -92,7 +92,7 @@ def test_far_task_through_the_datamodule_and_bad_values_name_the_key():
     with pytest.raises(ConfigError, match=r"data.num_classes=8: shapes \(data.task=far\) has exactly 2 classes; "
                                           r"set data.num_classes=2 or null \(data=shapes_far sets both\)"):
         ShapesDataModule(task="far", num_classes=8)
-    with pytest.raises(ConfigError, match=r"data.task='farther': shapes has the tasks \[.*'far'\]"):
+    with pytest.raises(ConfigError, match=r"data.task='farther': shapes has the tasks \[.*'far', 'far_dense'\]"):
         ShapesDataModule(task="farther")
 
 
@@ -106,3 +106,37 @@ def test_existing_tasks_draw_the_same_pixels():
     assert digests == {"direction": "215fb84ce22e82dba5c1b769af2b516d018c5b6e",
                        "side": "aa0b9eb0f93798ceb80981d40a4e2a6234aebf25",
                        "match": "a4796b39e763a28ea72ab69994843a9dbff5c75b"}
+
+
+@pytest.mark.parametrize("size", [448, 160])
+def test_far_dense_target_labels_each_disks_cells_with_the_other_disks_colour(size):
+    from data.shapes import DENSE_STRIDE
+
+    for i in range(8):
+        img, target = render(5, "val", i, size, task="far_dense")
+        ref, label = render(5, "val", i, size, task="far")
+        assert np.array_equal(img, ref)  # the same images as task="far"
+        n = -(-size // DENSE_STRIDE)
+        assert target.shape == (n, n) and target.dtype == np.int64
+        a, b = far_disks(img)
+        for disk, other in ((a, b), (b, a)):
+            inside = np.zeros((n, n), int)  # pixels of this disk per 32 px cell
+            np.add.at(inside, (disk["pixels"][0] // DENSE_STRIDE, disk["pixels"][1] // DENSE_STRIDE), 1)
+            cells = target[inside > 0]
+            # every cell holding >= a pixel-wide sliver of the disk is labelled with the other's colour
+            assert set(target[inside >= DENSE_STRIDE].tolist()) == {other["colour"]}, (i, target, inside)
+            assert set(cells.tolist()) <= {other["colour"], -1}
+        assert (target >= 0).sum() >= 2 and label == int(a["colour"] != b["colour"])
+        union = np.zeros((n, n), bool)
+        for disk in (a, b):
+            union[disk["pixels"][0] // DENSE_STRIDE, disk["pixels"][1] // DENSE_STRIDE] = True
+        assert (target[~union] == -1).all()  # cells without a disk pixel are ignored
+
+
+def test_far_dense_through_the_dataset_and_datamodule():
+    dm = ShapesDataModule(image_size=96, task="far_dense", train_size=4, val_size=4, test_size=4)
+    dm.setup()
+    img, target = dm.splits["val"][1]
+    assert dm.num_classes == 2 and target.dtype == torch.int64 and target.shape == (3, 3)
+    assert torch.equal(target, torch.from_numpy(render(0, "val", 1, 96, task="far_dense")[1]))
+    assert dm.splits["val"].evidence_distances() is not None  # the same geometry records its distances

@@ -14,7 +14,8 @@ import numpy as np
 
 def accuracy_by_bins(distances: Sequence[float], correct: Sequence[bool],
                      edges: Sequence[float]) -> list[dict[str, Any]]:
-    d, c = np.asarray(distances, dtype=float), np.asarray(correct, dtype=bool)
+    """``correct``: per sample, right (bool) or the share of its tokens that are right (dense targets)."""
+    d, c = np.asarray(distances, dtype=float), np.asarray(correct, dtype=float)
     if d.shape != c.shape:
         raise ValueError(f"{len(d)} distances but {len(c)} correctness flags")
     if len(edges) < 2 or any(b <= a for a, b in zip(edges, edges[1:])):
