@@ -181,7 +181,7 @@ def test_gpu_ablation_streams_run_both_presets_with_trainer_gpu_and_a_time_cap(t
     cmds = ablation.streams(tmp_path, cuda=True, run_max_s=90, workers=3)
     assert len(cmds) == 4  # one stream per seed of the 448 px preset, one for the memory preset
     for seed, cmd in enumerate(cmds[:3]):
-        assert cmd[1:3] == ["train.py", "-m"]
+        assert cmd[1:3] == [str(ROOT / "train.py"), "-m"]
         assert {"experiment=attention_ablation_448", f"seed={seed}", "trainer=gpu", "logger=csv",
                 "data.num_workers=3", "trainer.max_time=00:00:01:30",
                 f"hydra.sweep.dir={tmp_path / 'runs' / f'448_seed{seed}'}"} <= set(cmd)

@@ -38,6 +38,7 @@ from typing import Any, Optional, Sequence
 
 from vision_attn.bench.common import markdown_table
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py and conf/
 PRESET, MEMORY_PRESET = "attention_ablation_448", "attention_ablation_448_memory"
 SEEDS = (0, 1, 2)
 DRY_RUN = ("data.image_size=64", "data.train_size=16", "data.val_size=16", "data.batch_size=8",
@@ -134,7 +135,7 @@ def plot(rows: list[dict[str, Any]], bins: list[tuple[float, float]], path: Path
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits right of the axes
     plt.close(fig)
 
 
@@ -176,7 +177,7 @@ def streams(out: Path, cuda: bool, run_max_s: int, workers: int) -> list[list[st
               f"trainer.max_time=00:{hh:02d}:{rest // 60:02d}:{rest % 60:02d}"]  # DD:HH:MM:SS
     common += ["trainer=gpu"] if cuda else ["trainer=default", *DRY_RUN]
     seeds = SEEDS if cuda else SEEDS[:1]
-    base = [sys.executable, "train.py", "-m"]
+    base = [sys.executable, str(ROOT / "train.py"), "-m"]
     cmds = [base + [f"experiment={PRESET}", f"seed={s}", f"hydra.sweep.dir={runs / f'448_seed{s}'}", *common]
             for s in seeds]
     memory = [f"experiment={MEMORY_PRESET}", f"hydra.sweep.dir={runs / 'memory'}", *common]
@@ -194,7 +195,7 @@ def run(out: Path, cuda: bool, budget_s: float, run_max_s: int, workers: int) ->
         log = open(out / f"stream{i}.log", "w")
         print("+ " + " ".join(cmd), flush=True)
         logs.append(log)
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     start, notes = time.monotonic(), []
     for i, p in enumerate(procs):
         try:
