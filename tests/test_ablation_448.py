@@ -12,6 +12,7 @@ import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from test_shapes_far import far_disks, pixel_gap
 
 from data.shapes import far_bin_edges, render
@@ -39,7 +40,8 @@ def test_448_ablation_puts_the_evidence_beyond_every_stage_of_every_local_kind()
     assert set(params.model.split(",")) == VARIANTS
     assert params.seed == "0,1,2" and list(params)[0] == "seed"  # seeds slowest: a cut-short sweep stays paired
     size = cfg.data.image_size
-    assert size >= 448 and cfg.data.task == "far" and cfg.data.num_classes == 2 and cfg.model.size == "pico"
+    assert size >= 448 and cfg.data.task == "far_dense" and cfg.data.num_classes == 2 and cfg.model.size == "pico"
+    assert cfg.optim.lr == 5e-4  # the dense pilot fell back to chance at 2e-3
     assert cfg.model.window_size == 7 and cfg.model.kernel_size == 7 and cfg.test_after_fit is False
     # the gap between the disks' pixels, measured on rendered val images (the run's split and data seed)
     gap = min(pixel_gap(*far_disks(render(cfg.data.seed, "val", i, size, task="far")[0])) for i in range(16))
@@ -69,7 +71,9 @@ def test_memory_preset_keeps_the_two_disks_in_different_tiles():
     assert set(params["model.memory_tokens"].split(",")) == {"8", "0"}
     size, tile = cfg.data.image_size, cfg.model.tile_size
     assert (size, tile, cfg.data.task, cfg.model.variant) == (512, 128, "far", "swin_local")
-    assert cfg.data.batch_size == 64 and cfg.trainer.max_epochs == 2 and cfg.data.train_size == 6000  # 448's budget
+    main = compose_preset("experiment=attention_ablation_448")
+    for key in ("data.batch_size", "data.train_size", "trainer.max_epochs", "optim.lr"):  # the 448 preset's budget
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(main, key), key
     for i in range(12):
         a, b = far_disks(render(cfg.data.seed, "val", i, size, task="far")[0])
         tiles_a = {(y // tile, x // tile) for y, x in zip(*a["pixels"])}
