@@ -204,3 +204,13 @@ def test_far_bins_at_448_cover_every_val_sample():
     rows = accuracy_by_bins(dist, np.ones(1000, bool), far_bin_edges(448))
     assert [(r["lo"], r["hi"]) for r in rows] == [(291.2, 336.0), (336.0, 380.8), (380.8, 425.6), (425.6, 542.1)]
     assert sum(r["n"] for r in rows) == 1000
+
+
+def test_report_says_when_the_top1_is_over_dense_cells(tmp_path):
+    write_run(tmp_path / "runs", "0", "swin_global", 0, 0.99, [(40, 0.98), (60, 1.0)])
+    record = json.loads((tmp_path / "runs" / "0" / "results.json").read_text())
+    (tmp_path / "runs" / "0" / "results.json").write_text(json.dumps({**record, "data": "shapes_far_dense"}))
+    assert ablation.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert "- dense label (data=shapes_far_dense): top-1 over the labelled last-stage cells" in md
+    assert "| swin_global | 1 | 99.0 | 98.0 | 100.0 | 100 | 10 |" in md

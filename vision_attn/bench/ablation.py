@@ -151,6 +151,9 @@ def report(run_dirs: Sequence[Path], out: Path, title: str, notes: Sequence[str]
     for r in records:
         groups[r.get("image_size")].append(r)
     out.mkdir(parents=True, exist_ok=True)
+    if any(str(r.get("data") or "").endswith("_dense") for r in records):
+        notes = [*notes, "dense label (data=shapes_far_dense): top-1 over the labelled last-stage cells; "
+                         "per bin, each image's share of right cells, averaged"]
     lines = [f"# {title}", "", *[f"- {n}" for n in notes]]
     for i, (size, recs) in enumerate(sorted(groups.items(), key=lambda kv: kv[0] or 0)):
         rows, bins = summarize(recs)
