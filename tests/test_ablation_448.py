@@ -214,3 +214,8 @@ def test_report_says_when_the_top1_is_over_dense_cells(tmp_path):
     md = (tmp_path / "out" / "ablation.md").read_text()
     assert "- dense label (data=shapes_far_dense): top-1 over the labelled last-stage cells" in md
     assert "| swin_global | 1 | 99.0 | 98.0 | 100.0 | 100 | 10 |" in md
+    write_run(tmp_path / "runs", "1", "swin_global", 0, 0.5, [(40, 0.5), (60, 0.5)])  # data=shapes_far: its own row
+    assert ablation.main([str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| swin_global [data=shapes_far_dense] | 1 | 99.0 |" in md
+    assert "| swin_global [data=shapes_far] | 1 | 50.0 |" in md

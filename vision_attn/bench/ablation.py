@@ -72,7 +72,10 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
             raise ValueError(f"{r.get('dir')}: distance bins {edges} differ from another run's {bins}: "
                              "report runs of one image size together")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    several_data = len({r.get("data") for r in records}) > 1  # e.g. shapes_far and shapes_far_dense: apart
     for r, setting in zip(records, _settings(records)):
+        if several_data:
+            setting = " ".join(filter(None, [f"data={r.get('data')}", setting]))
         groups[(r["variant"], setting)].append(r)
     rows = []
     for (variant, setting), runs in groups.items():
