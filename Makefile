@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(ENV_FILES) | cksum | cut -d' ' -f1)
 PIP := -m pip --disable-pip-version-check
 QUIET_PIP := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: venv lock train lint test test-slow bench gpu-check gpu-perf clean
+.PHONY: venv lock train lint test test-slow bench gpu-check gpu-perf gpu-ablation clean
 
 venv: $(STAMP)  ## create .venv and install exactly requirements.lock (idempotent)
 
@@ -53,6 +53,9 @@ gpu-check: venv  ## every CUDA route in one table (bench_out/gpu_check.md); with
 
 gpu-perf: venv  ## only the timing rows of the GPU targets (README: GPU); meant for <= 8 min on one H100/H200
 	$(PY) -m vision_attn.bench gpu --perf $(ARGS)
+
+gpu-ablation: venv  ## the 448 px attention ablation + tile memory on one GPU (<= 8 min): bench_out/ablation_448/; without CUDA a CPU dry run
+	$(PY) -m vision_attn.bench ablation --run $(ARGS)
 
 clean:
 	rm -rf outputs multirun bench_out

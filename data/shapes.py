@@ -15,6 +15,21 @@ colour and in shape (4 classes). It needs the two objects side by side somewhere
 yet no geometry: a model that pools what it sees of each object separately and averages (e.g.
 independent tiles) cannot tell "same" from "different", since the mixed pair's mean lies
 between the two matched pairs' means.
+
+``task="far"`` (2 classes, ``data=shapes_far``: the 448 px ablation's task): two large disks,
+each red or blue; do they have the same colour? Their pixels are at least ``FAR_GAP`` (0.52) of
+the side apart along x or y (the Chebyshev gap between the disks' bounding boxes), which at 448 px
+is more than any pico stage's window or kernel of 7 covers (stage 4: 7 tokens x 32 px = 224 px),
+so no single window or neighbourhood of any stage holds evidence of both. The label needs the two
+colours side by side: a sum of per-object features (pooling then a linear head) cannot tell
+(red, blue) from the mean of (red, red) and (blue, blue). :func:`far_evidence` gives each sample's
+centres, radius, centre distance and gap without drawing it (accuracy by distance bins).
+
+``task="far_dense"`` (``data=shapes_far_dense``): the same images with a dense label, one target per
+32 x 32 px cell (one token of the last stage: patch 4 and three merges), read by a 1x1 head on the
+last stage: a cell that holds pixels of one disk is labelled with the *other* disk's colour (0 red,
+1 blue), every other cell -1 (ignored). Each disk's cells must fetch evidence from >= 0.52 of the side
+away; no stage's window or kernel holds it.
 Image ``i`` of a split is a pure function of ``(seed, split, i)``; splits use disjoint
 random streams, so train, val and test never share an image.
 """
@@ -32,9 +47,17 @@ CLASSES = ("east", "north-east", "north", "north-west", "west", "south-west", "s
 MATCH_CLASSES = ("same colour, same shape", "same colour, other shape", "other colour, same shape",
                  "other colour, other shape")
 SIDE_CLASSES = ("east", "west")
-TASKS = {"direction": CLASSES, "match": MATCH_CLASSES, "side": SIDE_CLASSES}
+FAR_CLASSES = ("same colour", "other colour")
+FAR_DENSE_CLASSES = ("the other disk is red", "the other disk is blue")
+TASKS = {"direction": CLASSES, "match": MATCH_CLASSES, "side": SIDE_CLASSES, "far": FAR_CLASSES,
+         "far_dense": FAR_DENSE_CLASSES}
+DENSE_STRIDE = 32  # far_dense: pixels per target cell, the last stage's token (patch 4 x 2^3 merges)
 SPREAD = {"direction": 15.0, "side": 60.0}  # degrees either side of a sector's centre line
 PALETTE = ((220, 60, 40), (40, 90, 220), (60, 190, 70), (230, 200, 50))  # red, blue, green, yellow
+FAR_PALETTE = ((235, 45, 35), (35, 105, 245))  # red, blue: high contrast on the dark tinted background
+FAR_GAP = 0.52  # min Chebyshev gap between the two disks (bounding boxes), as a share of the side
+FAR_RADIUS = (0.075, 0.09)  # disk radius range, as a share of the side
+FAR_BINS = (0.65, 0.75, 0.85, 0.95, 1.21)  # centre-distance bin edges (reports), shares of the side; max 1.2
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MEAN, STD = (0.175, 0.165, 0.175), (0.15, 0.10, 0.15)  # measured over 2000 images
 BAND_BYTES = 16 * 2**20  # working memory of one band of rows (its float64 noise draw); the rest is the uint8 image
@@ -120,6 +143,11 @@ def _layout(rng: np.random.Generator, label: int, size: int, sectors: int = 8,
 def render(seed: int, split: str, index: int, size: int, task: str = "direction") -> tuple[np.ndarray, int]:
     """Render image ``index`` of ``split`` as uint8 ``(size, size, 3)`` and its label (``task``: see above)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
+    if task in ("far", "far_dense"):
+        ev = _far_layout(rng, size)
+        img = _paint(rng, size, [(0, ev["ax"], ev["ay"], ev["r"], FAR_PALETTE[ev["colour_a"]]),
+                                 (0, ev["bx"], ev["by"], ev["r"], FAR_PALETTE[ev["colour_b"]])])
+        return img, (far_dense_target(ev, size) if task == "far_dense" else ev["label"])
     if task == "match":
         return _render_match(rng, size)
     classes = TASKS[task]
@@ -138,6 +166,50 @@ def _render_match(rng: np.random.Generator, size: int) -> tuple[np.ndarray, int]
     shape_b = 1 - shape_a if other_shape else shape_a
     ax, ay, bx, by, r = _layout(rng, int(rng.integers(len(CLASSES))), size)
     return _paint(rng, size, [(shape_a, ax, ay, r, PALETTE[colour_a]), (shape_b, bx, by, r, PALETTE[colour_b])]), label
+
+
+def _far_layout(rng: np.random.Generator, size: int) -> dict:
+    """``task="far"``'s draws before painting: label (0 same colour, 1 other), colours, one radius,
+    and two centres whose disks' bounding boxes are at least ``FAR_GAP * size`` apart along x or y."""
+    label = int(rng.integers(2))
+    colour_a = int(rng.integers(2))
+    colour_b = colour_a if label == 0 else 1 - colour_a
+    r = size * rng.uniform(*FAR_RADIUS)
+    while True:
+        ax, ay, bx, by = rng.uniform(r, size - r, 4)
+        gap = max(abs(bx - ax), abs(by - ay)) - 2 * r
+        if gap >= FAR_GAP * size:
+            break
+    return {"label": label, "colour_a": colour_a, "colour_b": colour_b, "r": float(r), "ax": float(ax),
+            "ay": float(ay), "bx": float(bx), "by": float(by), "distance": float(math.hypot(bx - ax, by - ay)),
+            "gap": float(gap)}
+
+
+def far_evidence(seed: int, split: str, index: int, size: int) -> dict:
+    """Sample ``index``'s geometry for ``task="far"`` (the same draws as :func:`render`, nothing
+    painted): ``label``, ``colour_a``/``colour_b``, radius ``r``, centres ``ax, ay, bx, by``,
+    ``distance`` (centre to centre, px) and ``gap`` (the Chebyshev gap between the disks' boxes, px)."""
+    return _far_layout(np.random.default_rng([seed, SPLITS[split], index]), size)
+
+
+def far_dense_target(ev: dict, size: int, stride: int = DENSE_STRIDE) -> np.ndarray:
+    """``task="far_dense"``'s int64 ``(ceil(S / stride),) * 2`` target: cells whose square comes within
+    ``r - 1`` px of a disk's centre (at least a pixel deep into the disk) get the other disk's colour,
+    the rest -1. The two disks never share a cell (they are >= 0.52 S > ``stride`` apart)."""
+    n = -(-size // stride)
+    lo = np.arange(n, dtype=float) * stride
+    hi = np.minimum(lo + stride, size)
+    target = np.full((n, n), -1, np.int64)
+    for cx, cy, other in ((ev["ax"], ev["ay"], ev["colour_b"]), (ev["bx"], ev["by"], ev["colour_a"])):
+        dx = np.maximum(np.maximum(lo - cx, cx - hi), 0)  # per column: centre to the cell's x range
+        dy = np.maximum(np.maximum(lo - cy, cy - hi), 0)
+        target[np.hypot(dy[:, None], dx[None, :]) <= ev["r"] - 1] = other
+    return target
+
+
+def far_bin_edges(size: int) -> list[float]:
+    """``FAR_BINS`` in pixels at ``size``."""
+    return [round(f * size, 1) for f in FAR_BINS]
 
 
 class ShapesDataset(Dataset):
@@ -160,12 +232,24 @@ class ShapesDataset(Dataset):
             if task not in TASKS:
                 raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
             self.classes, self.render = TASKS[task], partial(render, task=task)
-        self.split, self.length, self.image_size, self.seed = split, length, image_size, seed
+        self.split, self.length, self.image_size, self.seed, self.task = split, length, image_size, seed, task
         cache = cache and 3 * image_size**2 <= self.CACHE_MAX_IMAGE_BYTES
         self.cache: dict[int, tuple[torch.Tensor, int]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return self.length
+
+    def evidence_distances(self) -> np.ndarray | None:
+        """Per sample, the distance between the evidence (px; ``task="far"``: centre to centre), in
+        index order, or None for tasks that do not record it."""
+        if getattr(self, "task", "direction") not in ("far", "far_dense"):
+            return None
+        return np.array([far_evidence(self.seed, self.split, i, self.image_size)["distance"]
+                         for i in range(self.length)])
+
+    def evidence_bin_edges(self) -> list[float]:
+        """Bin edges (px) for reports by :meth:`evidence_distances`."""
+        return far_bin_edges(self.image_size)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < self.length:
@@ -173,6 +257,8 @@ class ShapesDataset(Dataset):
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         img, label = self.render(self.seed, self.split, index, self.image_size)
+        if isinstance(label, np.ndarray):  # a dense target (task="far_dense")
+            label = torch.from_numpy(label)
         item = torch.from_numpy(img).permute(2, 0, 1).contiguous(), label
         if self.cache is not None:
             self.cache[index] = item

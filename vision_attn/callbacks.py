@@ -158,6 +158,8 @@ class ImageLogger(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self._batch is None or trainer.current_epoch % self.every_n_epochs:
             return
+        if self._batch[1].ndim > 1:  # dense targets (data=shapes_far_dense): no one label per image to show
+            return
         from .visualize import attention_figure, denormalize, kind_patterns, learned_maps, prediction_grid
 
         images, targets = self._batch

@@ -14,7 +14,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from . import lightning_compat as compat
-from .errors import TrainingDiverged
+from .errors import ConfigError, TrainingDiverged
 from .factory import create_model
 from .summary import summarize, zeros_image
 
@@ -119,21 +119,51 @@ class ClassificationModule(L.LightningModule):
 
     def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> torch.Tensor:
         images, targets = batch
-        logits = self(images)
-        soft = targets.ndim == 2
-        loss = self.soft_criterion(logits, targets) if soft else self.criterion(logits, targets)
-        labels = targets.argmax(dim=1) if soft else targets
+        if targets.ndim == 3:  # a dense (B, h, w) target (data=shapes_far_dense): one logit per last-stage token
+            logits, labels, per_sample = self._dense_step(images, targets)
+            loss = self.criterion(logits, labels)
+        else:
+            logits = self(images)
+            soft = targets.ndim == 2
+            loss = self.soft_criterion(logits, targets) if soft else self.criterion(logits, targets)
+            labels = targets.argmax(dim=1) if soft else targets
+            per_sample = logits.detach().argmax(dim=1) == labels
         on_step = split == "train"
         # val/test loss: a plain tensor, so averaged over all ranks' samples explicitly (accuracy:
         # torchmetrics objects sync themselves); training: each rank's own, no per-step all-reduce.
         self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(images),
                  sync_dist=not on_step)
+        if split == "val":
+            self._record_val_correct(per_sample)
         for k in self._top_ks:
             metric = self.metrics[f"{split}_acc{k}"]
             metric(logits.detach(), labels)
             show = k == 1
             self.log(f"{split}/acc{k}", metric, on_step=on_step, on_epoch=True, prog_bar=show, batch_size=len(images))
         return loss
+
+    def _dense_step(self, images: torch.Tensor, targets: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Dense targets: the head's linear layer on every token of the last stage's normed map (a 1x1
+        head, no pooling). Returns the logits and labels of the labelled tokens (target >= 0) and,
+        per image, the share of its labelled tokens predicted right."""
+        if self.model.streams:
+            raise ConfigError(
+                "data.task=far_dense reads one logit per last-stage token, but this model runs tiles "
+                f"(model.tile_size={self.model.tile_size}) and pools them: set model.tile_size=null"
+            )
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        dense = self.model.head.fc(self.model.forward_features(images))  # (B, h, w, classes)
+        if dense.shape[1:3] != targets.shape[1:]:
+            raise ConfigError(
+                f"data.task=far_dense: the targets are a {tuple(targets.shape[1:])} map (one per 32 px cell) but "
+                f"the model's last stage is {tuple(dense.shape[1:3])}: use a stride-32 model (patch 4, 3 merges)"
+            )
+        valid = targets >= 0
+        right = (dense.detach().argmax(-1) == targets) & valid
+        per_image = right.sum((1, 2)) / valid.sum((1, 2)).clamp(min=1)
+        return dense[valid], targets[valid], per_image
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._shared_step(batch, "train")
@@ -174,6 +204,31 @@ class ClassificationModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
+
+    # Per-sample top-1 correctness (dense: share of right tokens) of the validation split, in loader
+    # order (the val loader does not shuffle, so position i is val sample i): ``best_val_correct``
+    # keeps the epoch with the best accuracy (the best checkpoint's, when ``monitor`` is val/acc1),
+    # for reports by distance bins (``results.json``: ``val_acc_by_distance``). One device only:
+    # DDP ranks see strided shards.
+    def on_validation_epoch_start(self) -> None:
+        self._val_correct: Optional[list[torch.Tensor]] = None
+        sanity = self._trainer is not None and self.trainer.sanity_checking
+        if not sanity and (self._trainer is None or self.trainer.world_size == 1):
+            self._val_correct = []
+
+    def _record_val_correct(self, per_sample: torch.Tensor) -> None:
+        """``per_sample``: each image's top-1 correctness (dense targets: its share of right tokens)."""
+        if getattr(self, "_val_correct", None) is not None:
+            self._val_correct.append(per_sample.detach().float().cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not getattr(self, "_val_correct", None):
+            return
+        correct = torch.cat(self._val_correct)
+        best = getattr(self, "best_val_correct", None)
+        if best is None or len(best) != len(correct) or correct.float().mean() > best.float().mean():
+            self.best_val_correct = correct
+        self._val_correct = None
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from vision_attn.binned import val_accuracy_by_distance
 from vision_attn.errors import ConfigError
 from vision_attn.fault import AtomicCheckpointIO, FaultTolerance
 from vision_attn.files import atomic_write_json
@@ -119,6 +120,8 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         "size": cfg.model.size,
         "data": HydraConfig.get().runtime.choices.get("data"),
         "seed": cfg.seed,
+        "image_size": cfg.data.get("image_size"),
+        "tile_size": cfg.model.get("tile_size"),
         "num_classes": module.hparams.get("num_classes"),
         "overrides": list(HydraConfig.get().overrides.task),
         "params": summary.params if summary else None,
@@ -134,6 +137,9 @@ def write_results(cfg: DictConfig, trainer: L.Trainer, module: Any, metrics: dic
         "wall_time_s": round(wall, 1),
         "epochs": trainer.current_epoch,
     }
+    by_distance = val_accuracy_by_distance(getattr(trainer, "datamodule", None), module)
+    if by_distance is not None:  # data=shapes_far: the best val epoch's top-1 per distance bin (px)
+        results["val_acc_by_distance"] = by_distance
     atomic_write_json(os.path.join(HydraConfig.get().runtime.output_dir, "results.json"), results)
 
 

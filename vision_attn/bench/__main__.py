@@ -6,6 +6,7 @@ import importlib
 import sys
 
 BENCHES = {
+    "ablation": "vision_attn.bench.ablation",
     "attention": "vision_attn.bench.attention",
     "model": "vision_attn.bench.model",
     "data": "vision_attn.bench.data",
