@@ -1,6 +1,6 @@
 """Helpers shared by several test files (import them as ``from helpers import ...``; ``tests/`` is on
 ``sys.path`` through pyproject's ``pythonpath``): config composition, the tiny train.py overrides,
-reading W&B offline runs and train.py's final metrics, the shapes dataset's object centres, the
+reading W&B offline runs and train.py's final metrics, the shapes dataset's object centres and far disks, the
 attention kinds and variants beyond local windows with a float64 module factory for them."""
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
+from scipy import ndimage
 
 from vision_attn.attention import AttnSpec, create_attention
 
@@ -96,3 +97,29 @@ def attention_module(kind: str, dim: int = 8, heads: int = 2, seed: int = 0, **s
     if getattr(m, "relative_position_bias_table", None) is not None:
         torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)  # make the bias matter
     return m
+
+
+# ----------------------------------------------------------------------------- shapes task=far
+
+def far_disks(img: np.ndarray) -> list[dict]:
+    """The two disks from the pixels alone: object pixels have a channel >= 200 (the tinted noise
+    background stays below ~130); red where r > b. Per disk: colour (0 red, 1 blue), pixel box, centre."""
+    mask = img.max(-1) >= 200
+    labels, n = ndimage.label(mask)
+    disks = []
+    for k in range(1, n + 1):
+        ys, xs = np.nonzero(labels == k)
+        if len(xs) < 50:  # a stray noise pixel, never a disk (radius >= 0.075 of the side)
+            continue
+        r, b = img[ys, xs, 0].mean(), img[ys, xs, 2].mean()
+        disks.append({"colour": int(b > r), "x0": xs.min(), "x1": xs.max(), "y0": ys.min(), "y1": ys.max(),
+                      "cx": xs.mean() + 0.5, "cy": ys.mean() + 0.5, "pixels": (ys, xs)})
+    return disks
+
+
+def pixel_gap(a: dict, b: dict) -> int:
+    """Chebyshev gap between two disks' pixel boxes: the larger of the x and y index differences
+    between their nearest columns / rows (0 when the boxes overlap on both axes)."""
+    gx = max(b["x0"] - a["x1"], a["x0"] - b["x1"], 0)
+    gy = max(b["y0"] - a["y1"], a["y0"] - b["y1"], 0)
+    return int(max(gx, gy))

@@ -85,7 +85,7 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 _NAMED = {"seed", "model", "model.size", "data", "experiment"}  # already a column, or what seeds vary
 
 
-def _settings(records: list[dict[str, Any]]) -> list[str]:
+def varying_settings(records: list[dict[str, Any]]) -> list[str]:
     """Per run, the command-line overrides in which it differs from other runs (beyond the variant,
     size, data and seed), e.g. ``"model.memory_tokens=8"``: a sweep over them is not a sweep over seeds."""
     def overrides(r: dict[str, Any]) -> dict[str, str]:
@@ -101,7 +101,7 @@ def _settings(records: list[dict[str, Any]]) -> list[str]:
 def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Group runs by (variant, size, data, setting); mean ± std over seeds; sorted by accuracy."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for r, setting in zip(records, _settings(records)):
+    for r, setting in zip(records, varying_settings(records)):
         groups[(r["variant"], r["size"], r.get("data"), setting)].append(r)
     rows = []
     for (variant, size, data, setting), runs in groups.items():

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from vision_attn.bench.common import markdown_table
+from vision_attn.review import varying_settings
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py and conf/
 PRESET, MEMORY_PRESET = "attention_ablation_448", "attention_ablation_448_memory"
@@ -60,8 +61,6 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
     ``bins``: per bin ``(mean, sd, seeds, n)`` (``n``: val images in the bin, the first run's),
     ``ips`` (images/s, mean), ``wall`` (s a run, mean). Runs that recorded other bins than the
     first run's are an error (the table would mix geometries)."""
-    from vision_attn.review import _settings
-
     records = [r for r in records if r.get("best_val_acc1") is not None]
     bins: list[tuple[float, float]] = []
     for r in records:
@@ -73,7 +72,7 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
                              "report runs of one image size together")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     several_data = len({r.get("data") for r in records}) > 1  # e.g. shapes_far and shapes_far_dense: apart
-    for r, setting in zip(records, _settings(records)):
+    for r, setting in zip(records, varying_settings(records)):
         if several_data:
             setting = " ".join(filter(None, [f"data={r.get('data')}", setting]))
         groups[(r["variant"], setting)].append(r)

@@ -6,36 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
+from helpers import far_disks, pixel_gap
 
 from data.datamodule import ShapesDataModule
 from data.shapes import FAR_BINS, FAR_CLASSES, FAR_GAP, ShapesDataset, far_bin_edges, far_evidence, render
 from vision_attn.binned import accuracy_by_bins
 from vision_attn.errors import ConfigError
-
-
-def far_disks(img: np.ndarray) -> list[dict]:
-    """The two disks from the pixels alone: object pixels have a channel >= 200 (the tinted noise
-    background stays below ~130); red where r > b. Per disk: colour (0 red, 1 blue), pixel box, centre."""
-    mask = img.max(-1) >= 200
-    labels, n = ndimage.label(mask)
-    disks = []
-    for k in range(1, n + 1):
-        ys, xs = np.nonzero(labels == k)
-        if len(xs) < 50:  # a stray noise pixel, never a disk (radius >= 0.075 of the side)
-            continue
-        r, b = img[ys, xs, 0].mean(), img[ys, xs, 2].mean()
-        disks.append({"colour": int(b > r), "x0": xs.min(), "x1": xs.max(), "y0": ys.min(), "y1": ys.max(),
-                      "cx": xs.mean() + 0.5, "cy": ys.mean() + 0.5, "pixels": (ys, xs)})
-    return disks
-
-
-def pixel_gap(a: dict, b: dict) -> int:
-    """Chebyshev gap between two disks' pixel boxes: the larger of the x and y index differences
-    between their nearest columns / rows (0 when the boxes overlap on both axes)."""
-    gx = max(b["x0"] - a["x1"], a["x0"] - b["x1"], 0)
-    gy = max(b["y0"] - a["y1"], a["y0"] - b["y1"], 0)
-    return int(max(gx, gy))
 
 
 @pytest.mark.parametrize("size", [448, 512])

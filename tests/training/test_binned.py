@@ -1,0 +1,66 @@
+"""Accuracy by distance bins (vision_attn/binned.py) and the module's per-sample record of the best val epoch."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from vision_attn.binned import accuracy_by_bins
+from vision_attn.errors import ConfigError
+
+
+def compose_preset(*overrides: str, hydra: bool = False):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def test_accuracy_by_bins_hand_computed():
+    distances = [10, 19.9, 20, 35, 40, 41, 5]
+    correct = [1, 0, 1, 1, 0, 1, 1]
+    rows = accuracy_by_bins(distances, correct, [10, 20, 40])
+    # [10, 20): 10, 19.9 -> 1 of 2; [20, 40] (the last bin includes 40): 20, 35, 40 -> 2 of 3; 41 and 5 outside
+    assert rows == [{"lo": 10.0, "hi": 20.0, "n": 2, "acc": 0.5}, {"lo": 20.0, "hi": 40.0, "n": 3, "acc": 2 / 3}]
+    assert accuracy_by_bins([1.0], [True], [2, 3, 4]) == [{"lo": 2.0, "hi": 3.0, "n": 0, "acc": None},
+                                                          {"lo": 3.0, "hi": 4.0, "n": 0, "acc": None}]
+    with pytest.raises(ValueError, match="2 distances but 1 correctness"):
+        accuracy_by_bins([1, 2], [True], [0, 3])
+    with pytest.raises(ValueError, match="increasing"):
+        accuracy_by_bins([1], [True], [3, 3])
+
+
+def test_module_keeps_the_best_val_epochs_per_sample_correctness():
+    module = instantiate(compose_preset("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
+    epochs = [([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]], [0, 1, 1]),  # right, right, wrong: 2/3
+              ([[2.0, 0.0], [1.0, 0.0], [3.0, 1.0]], [0, 1, 1]),  # 1/3: worse, not kept
+              ([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]], [0, 1, 1])]  # 3/3: kept
+    kept = []
+    for logits, labels in epochs:
+        module.on_validation_epoch_start()
+        for row, label in zip(logits, labels):  # one sample a batch: concatenated in loader order
+            module._record_val_correct(torch.tensor([row]).argmax(1) == torch.tensor([label]))
+        module.on_validation_epoch_end()
+        kept.append(module.best_val_correct.tolist())
+    assert kept == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_dense_targets_train_a_1x1_head_on_the_last_stage_tokens():
+    """A (B, h, w) target: the loss and top-1 cover only the labelled tokens (target >= 0), read by the
+    head's linear layer on each last-stage token; per image, the share of its labelled tokens right."""
+    module = instantiate(compose_preset("data=shapes_far_dense", "data.image_size=64", "model.embed_dim=16").module)
+    module.eval()  # no drop path: the same logits twice
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    targets = torch.tensor([[[0, -1], [-1, 1]], [[-1, -1], [1, -1]]])  # 64 px: a 2x2 last-stage map
+    logits, labels, per_image = module._dense_step(images, targets)
+    dense = module.model.head.fc(module.model.forward_features(images))  # (2, 2, 2, classes)
+    torch.testing.assert_close(logits, torch.stack([dense[0, 0, 0], dense[0, 1, 1], dense[1, 1, 0]]))
+    assert labels.tolist() == [0, 1, 1]
+    right = (dense.argmax(-1) == targets.clamp(min=0)).float()
+    expected = [(right[0, 0, 0] + right[0, 1, 1]) / 2, right[1, 1, 0]]
+    torch.testing.assert_close(per_image, torch.stack(expected))
+    loss = module._shared_step((images, targets), "train")
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1))
+    with pytest.raises(ConfigError, match=r"targets are a \(3, 3\) map .* last stage is \(2, 2\)"):
+        module._dense_step(images, torch.zeros(2, 3, 3, dtype=torch.long))
