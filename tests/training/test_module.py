@@ -41,27 +41,24 @@ def fit(max_epochs: int = 2, batches: int = 5, **trainer_kwargs) -> tuple[Classi
     return module, record, trainer
 
 
+def warmup_then_cosine(total: int, warmup: int) -> list[float]:
+    """The per-step learning rates by hand: linear warm-up from warmup_lr, then cosine down to min_lr."""
+    lr, wl, lo = OPTIM["lr"], OPTIM["warmup_lr"], OPTIM["min_lr"]
+    return [wl + t * (lr - wl) / warmup if t < warmup else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * t / total))
+            for t in range(total)]
+
+
 def test_warmup_then_cosine_per_step():
     _, record, _ = fit(max_epochs=2, batches=5)
     total, warmup = 10, 2  # 0.5 of 2 epochs x 5 steps
-    lr, wl, lo = OPTIM["lr"], OPTIM["warmup_lr"], OPTIM["min_lr"]
-    expected = [
-        wl + t * (lr - wl) / warmup if t < warmup else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * t / total))
-        for t in range(total)
-    ]
-    assert record.lrs == pytest.approx(expected, rel=1e-6)
+    assert record.lrs == pytest.approx(warmup_then_cosine(total, warmup), rel=1e-6)
 
 
 def test_warmup_counts_epochs_of_the_loader_when_training_by_steps():
     """trainer.max_steps with max_epochs=-1: warmup 0.5 epoch of 6 batches = 3 steps, cosine over 9."""
     _, record, _ = fit(max_epochs=-1, batches=6, max_steps=9)
     total, warmup = 9, 3
-    lr, wl, lo = OPTIM["lr"], OPTIM["warmup_lr"], OPTIM["min_lr"]
-    expected = [
-        wl + t * (lr - wl) / warmup if t < warmup else lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * t / total))
-        for t in range(total)
-    ]
-    assert record.lrs == pytest.approx(expected, rel=1e-6)
+    assert record.lrs == pytest.approx(warmup_then_cosine(total, warmup), rel=1e-6)
 
 
 def test_bias_tables_norms_and_biases_get_no_weight_decay():
