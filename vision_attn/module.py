@@ -230,6 +230,15 @@ class ClassificationModule(L.LightningModule):
             self.best_val_correct = correct
         self._val_correct = None
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A resumed run keeps the best epoch's per-sample record (the distance bins of results.json)."""
+        if getattr(self, "best_val_correct", None) is not None:
+            checkpoint["best_val_correct"] = self.best_val_correct
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "best_val_correct" in checkpoint:
+            self.best_val_correct = checkpoint["best_val_correct"]
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 

@@ -43,6 +43,11 @@ def test_module_keeps_the_best_val_epochs_per_sample_correctness():
         module.on_validation_epoch_end()
         kept.append(module.best_val_correct.tolist())
     assert kept == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
+    checkpoint: dict = {}
+    module.on_save_checkpoint(checkpoint)  # a resumed run keeps it
+    resumed = instantiate(compose_preset("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.best_val_correct.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_dense_targets_train_a_1x1_head_on_the_last_stage_tokens():
