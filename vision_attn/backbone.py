@@ -274,18 +274,49 @@ class VisionAttnTransformer(nn.Module):
             pooled = torch.cat([pooled, self.norm(memory[-1]).mean(1)], -1)
         return pooled[:, None, None, :]
 
+    def forward_dense(self, x: torch.Tensor, prepare: Optional[Prepare] = None) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, h, w, head_hidden_size)`` per-token features for a dense head (a 1x1
+        head on the last stage): :meth:`forward_features`' map, or for tile streams every tile's map
+        stitched in place. With memory each token also carries the last stage's memory as its tile
+        wrote it (mean over memory tokens), so it knows the tiles up to its own, never later ones."""
+        if not self.streams:
+            return self.forward_features(x, prepare)
+        B, _, H, W = x.shape
+        memory = [stage.initial_memory(B) for stage in self.layers] if self.memory_tokens else []
+        maps, _ = run_tiles(x, self.tile_size or max(H, W), self._tile_map, memory, self.memory_bptt,
+                            prepare=prepare, stitch=True)
+        return maps
+
+    def _tile_map(
+        self, x: torch.Tensor, position: torch.Tensor, *memory: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One tile -> its normed last-stage map ``(B, h, w, head_hidden_size)`` and every stage's memory."""
+        x, written = self._tile_stages(x, position, *memory)
+        x = self.norm(x)
+        if written:
+            m = self.norm(written[-1]).mean(1)[:, None, None, :]
+            x = torch.cat([x, m.expand(*x.shape[:3], m.shape[-1])], -1)
+        return x, written
+
     def _forward_tile(
         self, x: torch.Tensor, position: torch.Tensor, *memory: torch.Tensor
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """One tile -> its pooled normed features ``(B, C)`` and every stage's updated memory."""
+        x, written = self._tile_stages(x, position, *memory)
+        return self.norm(x).mean((1, 2)), written
+
+    def _tile_stages(
+        self, x: torch.Tensor, position: torch.Tensor, *memory: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """One tile through the stem and stages (reading and writing each stage's memory)."""
         x = self.patch_embed(x)
         if not memory:
-            return self.norm(self.layers(x)).mean((1, 2)), ()
+            return self.layers(x), ()
         written = []
         for stage, m in zip(self.layers, memory):
             x, m = stage.forward_memory(x, position, m)
             written.append(m)
-        return self.norm(x).mean((1, 2)), tuple(written)
+        return x, tuple(written)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)

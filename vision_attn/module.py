@@ -145,16 +145,13 @@ class ClassificationModule(L.LightningModule):
     def _dense_step(self, images: torch.Tensor, targets: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Dense targets: the head's linear layer on every token of the last stage's normed map (a 1x1
-        head, no pooling). Returns the logits and labels of the labelled tokens (target >= 0) and,
-        per image, the share of its labelled tokens predicted right."""
-        if self.model.streams:
-            raise ConfigError(
-                "data.task=far_dense reads one logit per last-stage token, but this model runs tiles "
-                f"(model.tile_size={self.model.tile_size}) and pools them: set model.tile_size=null"
-            )
+        head, no pooling; tile streams: each tile's map, stitched, see ``forward_dense``). Returns the
+        logits and labels of the labelled tokens (target >= 0) and, per image, the share of its
+        labelled tokens predicted right."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        dense = self.model.head.fc(self.model.forward_features(images))  # (B, h, w, classes)
+        prepare = self._normalize() if images.dtype == torch.uint8 and self.normalizes_tiles else None
+        dense = self.model.head.fc(self.model.forward_dense(images, prepare))  # (B, h, w, classes)
         if dense.shape[1:3] != targets.shape[1:]:
             raise ConfigError(
                 f"data.task=far_dense: the targets are a {tuple(targets.shape[1:])} map (one per 32 px cell) but "

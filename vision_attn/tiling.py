@@ -63,13 +63,16 @@ def run_tiles(
     bptt: Optional[int] = None,
     checkpoint_tiles: bool = True,
     prepare: Optional[Prepare] = None,
+    stitch: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Run ``tile_fn(tile_image, position, *memory) -> (pooled (B, F), new memory)`` over the tiles.
 
     ``position`` is the tile's :func:`position_features`. ``prepare``: applied to each tile's crop
     first (e.g. uint8 -> normalised float), inside the checkpoint, so only the crop is kept.
 
-    Returns the area-weighted mean of the pooled features and the memory after the last tile.
+    Returns the area-weighted mean of the pooled features and the memory after the last tile;
+    ``stitch``: ``tile_fn`` returns each tile's map ``(B, h, w, F)`` instead, and the maps are joined
+    in the image's layout (rows of tiles side by side, rows stacked).
     ``bptt``: detach the memory every ``bptt`` tiles (None = full backpropagation through tiles).
     ``checkpoint_tiles``: recompute each tile in backward (only where gradients are on).
     """
@@ -77,6 +80,7 @@ def run_tiles(
     boxes = tile_boxes(H, W, tile)
     memory = tuple(memory)
     pooled_sum: Optional[torch.Tensor] = None
+    rows: list[tuple[int, list[torch.Tensor]]] = []  # stitch: (top, the row's tile maps)
     use_ckpt = checkpoint_tiles and torch.is_grad_enabled() and len(boxes) > 1
     run = tile_fn if prepare is None else _prepared(tile_fn, prepare)
     dtype = image.dtype if image.is_floating_point() else torch.get_default_dtype()
@@ -89,8 +93,15 @@ def run_tiles(
             pooled, memory = checkpoint(run, crop, where, *memory, use_reentrant=False)
         else:
             pooled, memory = run(crop, where, *memory)
+        if stitch:
+            if not rows or rows[-1][0] != top:
+                rows.append((top, []))
+            rows[-1][1].append(pooled)
+            continue
         weighted = pooled * ((bottom - top) * (right - left) / (H * W))
         pooled_sum = weighted if pooled_sum is None else pooled_sum + weighted
+    if stitch:
+        return torch.cat([torch.cat(maps, dim=2) for _, maps in rows], dim=1), tuple(memory)
     return pooled_sum, tuple(memory)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import cfg_with
+from hydra.utils import instantiate
 
 from vision_attn import create_model
 from vision_attn.attention import attention_class, attention_kinds
@@ -219,3 +221,49 @@ def test_what_a_stream_keeps_for_backward_is_the_memory_not_the_tiles() -> None:
     kept.pop(x.untyped_storage().data_ptr())
     memory_bytes = 8 * (32 + 64 + 128 + 256) * 4  # M tokens x the stage widths, float32, per tile
     assert sum(kept.values()) < 16 * 2 * memory_bytes, sum(kept.values())
+
+
+def test_forward_dense_stitches_each_tiles_own_map_in_place() -> None:
+    """Independent tiles: the dense map is every tile's last-stage map, computed alone, at the tile's
+    place (96 x 64 px in 32 px tiles: 3 x 2 tiles of 1 x 1 tokens; a 40 px tile edge gives 2 tokens)."""
+    torch.manual_seed(0)
+    model = create_model("swin", size="pico", num_classes=3, img_size=64, tile_size=32, drop_path_rate=0.0).eval()
+    x = torch.randn(2, 3, 96, 72)
+    dense = model.forward_dense(x)
+    assert dense.shape == (2, 3, 3, model.num_features)  # 72 px: tiles of 32, 32 and 8 px wide
+    position = torch.zeros(0)
+    for top, left, bottom, right in tile_boxes(96, 72, 32):
+        alone, _ = model._tile_map(x[..., top:bottom, left:right], position)
+        torch.testing.assert_close(dense[:, top // 32 : -(-bottom // 32), left // 32 : -(-right // 32)], alone)
+
+
+def test_forward_dense_with_memory_knows_earlier_tiles_never_later_ones() -> None:
+    """Tiles run in raster order: changing the last tile's pixels leaves the first tile's tokens as
+    they were; changing the first tile's changes the last tile's tokens only through the memory."""
+    torch.manual_seed(0)
+    kw = dict(size="pico", num_classes=3, img_size=64, tile_size=32, drop_path_rate=0.0)
+    memory = create_model("swin", memory_tokens=2, **kw).eval()
+    alone = create_model("swin", **kw).eval()
+    x = torch.randn(1, 3, 64, 64)
+    later, earlier = x.clone(), x.clone()
+    later[..., 32:, 32:] += 1.0  # the last of the 2 x 2 tiles
+    earlier[..., :32, :32] += 1.0  # the first
+    with torch.no_grad():
+        base, m_later, m_earlier = (memory.forward_dense(v) for v in (x, later, earlier))
+        a_base, a_earlier = alone.forward_dense(x), alone.forward_dense(earlier)
+    assert base.shape == (1, 2, 2, memory.head_hidden_size)  # features + the tile's memory, per token
+    torch.testing.assert_close(m_later[0, 0, 0], base[0, 0, 0])  # the first tile never sees the last
+    assert not torch.allclose(m_later[0, 1, 1], base[0, 1, 1])
+    assert (m_earlier[0, 1, 1] - base[0, 1, 1]).abs().max() > 1e-4  # the last tile hears of the first
+    torch.testing.assert_close(a_earlier[0, 1, 1], a_base[0, 1, 1])  # independent tiles do not
+
+
+def test_dense_targets_on_a_tiled_model_read_every_tiles_tokens() -> None:
+    """The module's dense step on a tile stream: one logit per last-stage token of the stitched map."""
+    cfg = cfg_with("data=shapes_far_dense", "data.image_size=64", "model.tile_size=32", "model.memory_tokens=2")
+    module = instantiate(cfg.module).eval()
+    images, targets = torch.randn(2, 3, 64, 64), torch.tensor([[[0, -1], [1, 1]], [[-1, 0], [-1, -1]]])
+    logits, labels, per_image = module._dense_step(images, targets)
+    dense = module.model.head.fc(module.model.forward_dense(images))
+    torch.testing.assert_close(logits, torch.stack([dense[0, 0, 0], dense[0, 1, 0], dense[0, 1, 1], dense[1, 0, 1]]))
+    assert labels.tolist() == [0, 1, 1, 0] and per_image.shape == (2,)

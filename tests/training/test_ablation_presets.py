@@ -66,7 +66,7 @@ def test_memory_preset_keeps_the_two_disks_in_different_tiles():
     assert list(params) == ["seed", "model.memory_tokens"] and params.seed == "0,1,2"
     assert set(params["model.memory_tokens"].split(",")) == {"8", "0"}
     size, tile = cfg.data.image_size, cfg.model.tile_size
-    assert (size, tile, cfg.data.task, cfg.model.variant) == (512, 128, "far", "swin_local")
+    assert (size, tile, cfg.data.task, cfg.model.variant) == (512, 128, "far_dense", "swin_local")
     main = compose_preset("experiment=attention_ablation_448")
     for key in ("data.batch_size", "data.train_size", "trainer.max_epochs", "optim.lr"):  # the 448 preset's budget
         assert OmegaConf.select(cfg, key) == OmegaConf.select(main, key), key
