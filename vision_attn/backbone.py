@@ -12,7 +12,7 @@ from .attention import AttnSpec, backends, option_keys, stage_options
 from .blocks import Stage
 from .errors import ConfigError
 from .stems import create_stem
-from .tiling import Prepare, run_tiles
+from .tiling import Prepare, TileFn, run_tiles
 
 IntOrSeq = Union[int, Sequence[int]]
 WindowArg = Union[int, Sequence[Union[int, Sequence[int]]]]
@@ -266,10 +266,7 @@ class VisionAttnTransformer(nn.Module):
 
     def _forward_stream(self, x: torch.Tensor, prepare: Optional[Prepare] = None) -> torch.Tensor:
         """Tiles in raster order, each reading and writing every stage's memory (see tiling.py)."""
-        B, _, H, W = x.shape
-        memory = [stage.initial_memory(B) for stage in self.layers] if self.memory_tokens else []
-        pooled, memory = run_tiles(x, self.tile_size or max(H, W), self._forward_tile, memory, self.memory_bptt,
-                                   prepare=prepare)
+        pooled, memory = self._run_tiles(x, self._forward_tile, prepare)
         if self.memory_tokens:
             pooled = torch.cat([pooled, self.norm(memory[-1]).mean(1)], -1)
         return pooled[:, None, None, :]
@@ -281,11 +278,15 @@ class VisionAttnTransformer(nn.Module):
         wrote it (mean over memory tokens), so it knows the tiles up to its own, never later ones."""
         if not self.streams:
             return self.forward_features(x, prepare)
+        return self._run_tiles(x, self._tile_map, prepare, stitch=True)[0]
+
+    def _run_tiles(self, x: torch.Tensor, tile_fn: TileFn, prepare: Optional[Prepare], stitch: bool = False
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """:func:`vision_attn.tiling.run_tiles` over this model's tiles, from every stage's initial memory."""
         B, _, H, W = x.shape
         memory = [stage.initial_memory(B) for stage in self.layers] if self.memory_tokens else []
-        maps, _ = run_tiles(x, self.tile_size or max(H, W), self._tile_map, memory, self.memory_bptt,
-                            prepare=prepare, stitch=True)
-        return maps
+        return run_tiles(x, self.tile_size or max(H, W), tile_fn, memory, self.memory_bptt, prepare=prepare,
+                         stitch=stitch)
 
     def _tile_map(
         self, x: torch.Tensor, position: torch.Tensor, *memory: torch.Tensor

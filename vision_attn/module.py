@@ -17,6 +17,7 @@ from . import lightning_compat as compat
 from .errors import ConfigError, TrainingDiverged
 from .factory import create_model
 from .summary import summarize, zeros_image
+from .tiling import Prepare
 
 
 class ClassificationModule(L.LightningModule):
@@ -104,11 +105,17 @@ class ClassificationModule(L.LightningModule):
         return bool(getattr(self.model, "streams", False)) and self._compiled is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, prepare = self._model_input(x)
+        if prepare is not None:
+            return self.model.forward_prepared(x, prepare)
+        return (self.model if self._compiled is None else self._compiled)(x)
+
+    def _model_input(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[Prepare]]:
+        """The batch as the model takes it (channels-last if set) and, for uint8 tile streams, the
+        per-tile normalisation to hand the model (None: ``x`` goes in as it is)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if x.dtype == torch.uint8 and self.normalizes_tiles:
-            return self.model.forward_prepared(x, self._normalize())
-        return (self.model if self._compiled is None else self._compiled)(x)
+        return x, self._normalize() if x.dtype == torch.uint8 and self.normalizes_tiles else None
 
     def _normalize(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The datamodule's uint8 -> float normalisation (applied to each tile)."""
@@ -148,10 +155,7 @@ class ClassificationModule(L.LightningModule):
         head, no pooling; tile streams: each tile's map, stitched, see ``forward_dense``). Returns the
         logits and labels of the labelled tokens (target >= 0) and, per image, the share of its
         labelled tokens predicted right."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        prepare = self._normalize() if images.dtype == torch.uint8 and self.normalizes_tiles else None
-        dense = self.model.head.fc(self.model.forward_dense(images, prepare))  # (B, h, w, classes)
+        dense = self.model.head.fc(self.model.forward_dense(*self._model_input(images)))  # (B, h, w, classes)
         if dense.shape[1:3] != targets.shape[1:]:
             raise ConfigError(
                 f"data.task=far_dense: the targets are a {tuple(targets.shape[1:])} map (one per 32 px cell) but "

@@ -90,15 +90,15 @@ def run_tiles(
         crop = image[..., top:bottom, left:right]
         where = position_features((top, left, bottom, right), H, W, image.device).to(dtype)
         if use_ckpt:
-            pooled, memory = checkpoint(run, crop, where, *memory, use_reentrant=False)
+            out, memory = checkpoint(run, crop, where, *memory, use_reentrant=False)
         else:
-            pooled, memory = run(crop, where, *memory)
-        if stitch:
+            out, memory = run(crop, where, *memory)
+        if stitch:  # out: the tile's map
             if not rows or rows[-1][0] != top:
                 rows.append((top, []))
-            rows[-1][1].append(pooled)
+            rows[-1][1].append(out)
             continue
-        weighted = pooled * ((bottom - top) * (right - left) / (H * W))
+        weighted = out * ((bottom - top) * (right - left) / (H * W))
         pooled_sum = weighted if pooled_sum is None else pooled_sum + weighted
     if stitch:
         return torch.cat([torch.cat(maps, dim=2) for _, maps in rows], dim=1), tuple(memory)
