@@ -50,15 +50,17 @@ class KindOptions:
     @classmethod
     def validate_config(cls, values: Mapping[str, Any], stages: int) -> None:
         """Raise :class:`ConfigError` for any value of this kind's keys in ``values`` (all stages)."""
+        lists = False
         for key, f in cls.keys().items():
             value = values.get(key)
             if isinstance(value, (list, tuple)):
                 if not f.metadata["per_stage"] or len(value) != stages:
                     per = f" or one per stage ({stages})" if f.metadata["per_stage"] else ""
                     raise ConfigError(f"model.{key}={list(value)} must be {_what(f)}{per}")
-                for i, v in enumerate(value):
+                for i, v in enumerate(value):  # named by stage, before building says only the key
                     _check(f"{key}[{i}]", f, v)
-        for stage in range(stages):  # each stage's options as built (their own checks)
+                lists = True
+        for stage in range(stages if lists else 1):  # each distinct stage's options as built (their own checks)
             cls.from_config(stage_values(cls, values, stage))
 
     def __post_init__(self) -> None:
