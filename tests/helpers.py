@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -97,6 +98,26 @@ def attention_module(kind: str, dim: int = 8, heads: int = 2, seed: int = 0, **s
     if getattr(m, "relative_position_bias_table", None) is not None:
         torch.nn.init.normal_(m.relative_position_bias_table, std=0.5)  # make the bias matter
     return m
+
+
+def fit(
+    loss_fn: Callable[[], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    steps: int,
+    check_first_grads: Optional[Callable[[], None]] = None,
+) -> list[float]:
+    """``steps`` optimiser steps on ``loss_fn()``, the loss of each; ``check_first_grads`` runs after the
+    first backward, before its step."""
+    losses = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        if step == 0 and check_first_grads is not None:
+            check_first_grads()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 # ----------------------------------------------------------------------------- shapes task=far

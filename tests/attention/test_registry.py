@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BEYOND_LOCAL_KINDS
+from helpers import BEYOND_LOCAL_KINDS, fit
 from reference import global_reference, grid_reference
 
 import vision_attn.attention as attention
@@ -67,16 +67,12 @@ def test_module_trains(kind: str) -> None:
     x = torch.randn(2, 10, 12, 16)
     with torch.no_grad():
         target = teacher(x)
+
+    def bias_table_has_gradients() -> None:
+        assert student.relative_position_bias_table.grad.abs().sum() > 0
+
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(15):
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(student(x), target)
-        loss.backward()
-        if not losses:
-            assert student.relative_position_bias_table.grad.abs().sum() > 0
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(lambda: torch.nn.functional.mse_loss(student(x), target), opt, 15, bias_table_has_gradients)
     assert losses[-1] < 0.5 * losses[0]
 
 
