@@ -75,8 +75,7 @@ def restore_train_loader_position(trainer: L.Trainer) -> None:
     ``_load_combined_loader_states``. Loads them here (only when Lightning restarts mid-epoch,
     i.e. ``fit_loop.restarting``) and re-creates the epoch's iterator from that position."""
     fit_loop = trainer.fit_loop
-    pending = getattr(fit_loop, "_combined_loader_states_to_load", None)
-    if not pending or not fit_loop.restarting or getattr(fit_loop, "_combined_loader", None) is None:
+    if not loader_states_pending(trainer) or getattr(fit_loop, "_combined_loader", None) is None:
         return
     if fit_loop.epoch_loop.batch_progress.current.ready >= trainer.num_training_batches:
         # Stopped after the epoch's last training batch (in its validation): no batch of this epoch
