@@ -74,6 +74,8 @@ class ClassificationModule(L.LightningModule):
         self.img_size, self.in_chans = img_size, int(model.get("in_chans", 3))
         if not compile_model:  # Lightning's summary table then shows per-module FLOPs and in/out sizes
             self.example_input_array = zeros_image(self.in_chans, img_size)
+        self._val_correct: Optional[list[torch.Tensor]] = None  # this validation epoch's, while recorded
+        self.best_val_correct: Optional[torch.Tensor] = None  # the best validation epoch's (CPU)
 
     def setup(self, stage: str) -> None:
         """Print and log the model summary (params, GFLOPs at the training resolution)."""
@@ -212,28 +214,28 @@ class ClassificationModule(L.LightningModule):
     # for reports by distance bins (``results.json``: ``val_acc_by_distance``). One device only:
     # DDP ranks see strided shards.
     def on_validation_epoch_start(self) -> None:
-        self._val_correct: Optional[list[torch.Tensor]] = None
+        self._val_correct = None
         sanity = self._trainer is not None and self.trainer.sanity_checking
         if not sanity and (self._trainer is None or self.trainer.world_size == 1):
             self._val_correct = []
 
     def _record_val_correct(self, per_sample: torch.Tensor) -> None:
         """``per_sample``: each image's top-1 correctness (dense targets: its share of right tokens)."""
-        if getattr(self, "_val_correct", None) is not None:
-            self._val_correct.append(per_sample.detach().float().cpu())
+        if self._val_correct is not None:  # kept on the device: one transfer at the epoch's end, no sync a batch
+            self._val_correct.append(per_sample.detach().float())
 
     def on_validation_epoch_end(self) -> None:
-        if not getattr(self, "_val_correct", None):
+        if not self._val_correct:
             return
-        correct = torch.cat(self._val_correct)
-        best = getattr(self, "best_val_correct", None)
-        if best is None or len(best) != len(correct) or correct.float().mean() > best.float().mean():
+        correct = torch.cat(self._val_correct).cpu()
+        best = self.best_val_correct
+        if best is None or len(best) != len(correct) or correct.mean() > best.float().mean():
             self.best_val_correct = correct
         self._val_correct = None
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A resumed run keeps the best epoch's per-sample record (the distance bins of results.json)."""
-        if getattr(self, "best_val_correct", None) is not None:
+        if self.best_val_correct is not None:
             checkpoint["best_val_correct"] = self.best_val_correct
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
