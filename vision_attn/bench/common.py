@@ -11,15 +11,22 @@ import torch
 
 def machine() -> str:
     """One line naming the machine the figures come from: CPU model, its vector extensions, threads."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     from vision_attn.attention.fused import cpu_signature, isa_summary
 
-    return f"{cpu} ({isa_summary(cpu_signature())}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+    signature = cpu_signature()
+    model, has_flags, _ = signature.partition(" | ")
+    cpu = model if has_flags else platform.processor() or platform.machine()  # no /proc/cpuinfo
+    return f"{cpu} ({isa_summary(signature)}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def avx512_flags() -> str:
+    """The CPU's avx512 flags, as ``lscpu | grep -o 'avx512[a-z_0-9]*'`` lists them ("none", "unknown")."""
+    from vision_attn.attention.fused import cpu_signature
+
+    _, has_flags, flags = cpu_signature().partition(" | ")
+    if not has_flags:
+        return "unknown"
+    return " ".join(sorted(f for f in flags.split() if f.startswith("avx512"))) or "none"
 
 
 def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, list[float]]:

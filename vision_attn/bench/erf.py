@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vision_attn.bench.common import machine, markdown_table
+from vision_attn.bench.common import avx512_flags, machine, markdown_table
 from vision_attn.erf import StageMap, erf_masses, square_side, stage_maps, support_box
 from vision_attn.errors import ConfigError
 from vision_attn.factory import create_model
@@ -218,16 +218,6 @@ def table(rows: Sequence[StageERF]) -> str:
     body = [[r.variant, r.weights, r.stage, f"{r.grid.height}x{r.grid.width} /{r.grid.stride}", r.reach,
              r.support_px] + [side_cell(r.sides[f], r.img) for f in FRACTIONS] for r in rows]
     return markdown_table(header, body)
-
-
-def avx512_flags() -> str:
-    """The CPU's avx512 flags, as ``lscpu | grep -o 'avx512[a-z_0-9]*'`` lists them."""
-    try:
-        text = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-    except OSError:
-        return "unknown"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return " ".join(sorted(f for f in flags if f.startswith("avx512"))) or "none"
 
 
 def report(rows: Sequence[StageERF], args: argparse.Namespace, seconds: float) -> str:
