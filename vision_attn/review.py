@@ -14,7 +14,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 COLUMNS = ["variant", "size", "data", "seeds", "params (M)", "GFLOPs", "best val top-1", "images/s", "peak mem (MB)",
            "wall time (s)"]
@@ -75,11 +75,13 @@ def read_wandb_project(project: str) -> list[dict[str, Any]]:
     return records
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
+def mean_std(xs: Sequence[Optional[float]]) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the values that are not None
+    (``nan, 0, 0`` for none)."""
     xs = [x for x in xs if x is not None]
     if not xs:
-        return float("nan"), 0.0
-    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return float("nan"), 0.0, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
 _NAMED = {"seed", "model", "model.size", "data", "experiment"}  # already a column, or what seeds vary
@@ -106,21 +108,21 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (variant, size, data, setting), runs in groups.items():
         runs = [r for r in runs if r.get("best_val_acc1") is not None] or runs  # unfinished runs don't count
-        acc, acc_sd = _mean_std([r.get("best_val_acc1") for r in runs])
-        ips, ips_sd = _mean_std([r.get("images_per_sec") for r in runs])
+        acc, acc_sd, _ = mean_std([r.get("best_val_acc1") for r in runs])
+        ips, ips_sd, _ = mean_std([r.get("images_per_sec") for r in runs])
         rows.append({
             "variant": variant, "setting": setting, "size": size, "data": data,
             "seeds": sum(r.get("best_val_acc1") is not None for r in runs),
             "params": runs[0].get("params"), "gflops": runs[0].get("gflops"),
             "acc": acc, "acc_sd": acc_sd, "ips": ips, "ips_sd": ips_sd,
             "mem": max((r.get("peak_mem_mb") or 0) for r in runs),
-            "wall": _mean_std([r.get("wall_time_s") for r in runs])[0],
+            "wall": mean_std([r.get("wall_time_s") for r in runs])[0],
             "reach": next((r["reach"] for r in runs if r.get("reach")), None),
         })
-    return sorted(rows, key=lambda r: (-(r["acc"] if r["acc"] == r["acc"] else -1), _name(r)))
+    return sorted(rows, key=lambda r: (-(r["acc"] if r["acc"] == r["acc"] else -1), row_name(r)))
 
 
-def _name(row: dict[str, Any]) -> str:
+def row_name(row: dict[str, Any]) -> str:
     """The variant, and the setting that tells its rows apart (``swin_local [model.memory_tokens=8]``)."""
     return f"{row['variant']} [{row['setting']}]" if row.get("setting") else row["variant"]
 
@@ -141,7 +143,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
         acc = f"{100 * r['acc']:.2f}" + (f" ± {100 * r['acc_sd']:.2f}" if r["seeds"] > 1 else "")
-        cells = [_name(r), r["size"], r["data"] or "", str(r["seeds"]),
+        cells = [row_name(r), r["size"], r["data"] or "", str(r["seeds"]),
                  _fmt(r["params"] / 1e6 if r["params"] else None, ".2f"), _fmt(r["gflops"], ".3f"), acc,
                  _fmt(r["ips"], ".0f"), _fmt(r["mem"], ".0f"), _fmt(r["wall"], ".0f")]
         cells += [_reach(r.get("reach"))] * reach
@@ -160,14 +162,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     from .visualize import series_styles
 
     datasets = sorted({r["data"] or "" for r in rows})
-    models = sorted({(_name(r), r["size"]) for r in rows})
+    models = sorted({(row_name(r), r["size"]) for r in rows})
     style = series_styles(models)
     fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets) + 2.2, 4.2), squeeze=False)
     for ax, data in zip(axes[0], datasets):
         for r in rows:
             if (r["data"] or "") == data:
                 ax.errorbar(r["ips"], 100 * r["acc"], xerr=r["ips_sd"], yerr=100 * r["acc_sd"], capsize=3,
-                            markersize=7, linestyle="none", **style[(_name(r), r["size"])])
+                            markersize=7, linestyle="none", **style[(row_name(r), r["size"])])
         ax.set_title(data or "runs")
         ax.set_xlabel("training throughput (images/s)")
         ax.grid(alpha=0.3)

@@ -26,9 +26,7 @@ run, said so in every output: one seed, 64 px, a few images, the same commands o
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from vision_attn.bench.common import markdown_table
-from vision_attn.review import varying_settings
+from vision_attn.review import mean_std, row_name, varying_settings
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: train.py and conf/
 PRESET, MEMORY_PRESET = "attention_ablation_448", "attention_ablation_448_memory"
@@ -45,13 +43,6 @@ SEEDS = (0, 1, 2)
 DRY_RUN = ("data.image_size=64", "data.train_size=16", "data.val_size=16", "data.batch_size=8",
            "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0")
 DRY_RUN_MEMORY = ("model.tile_size=32",)  # 64 px images in 32 px tiles: still several tiles an image
-
-
-def _mean_std(xs: Sequence[Optional[float]]) -> tuple[float, float, int]:
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return math.nan, 0.0, 0
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
 
 
 def summarize(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[float, float]]]:
@@ -78,21 +69,17 @@ def summarize(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list
         groups[(r["variant"], setting)].append(r)
     rows = []
     for (variant, setting), runs in groups.items():
-        acc, acc_sd, seeds = _mean_std([r["best_val_acc1"] for r in runs])
+        acc, acc_sd, seeds = mean_std([r["best_val_acc1"] for r in runs])
         per_bin = []
         for i in range(len(bins)):
             cells = [r["val_acc_by_distance"][i] for r in runs if r.get("val_acc_by_distance")]
-            mean, sd, k = _mean_std([c["acc"] for c in cells])
+            mean, sd, k = mean_std([c["acc"] for c in cells])
             per_bin.append((mean, sd, k, cells[0]["n"] if cells else 0))
         rows.append({"variant": variant, "setting": setting, "seeds": seeds, "acc": acc, "acc_sd": acc_sd,
-                     "bins": per_bin, "ips": _mean_std([r.get("images_per_sec") for r in runs])[0],
-                     "wall": _mean_std([r.get("wall_time_s") for r in runs])[0]})
+                     "bins": per_bin, "ips": mean_std([r.get("images_per_sec") for r in runs])[0],
+                     "wall": mean_std([r.get("wall_time_s") for r in runs])[0]})
     rows.sort(key=lambda r: (-(r["acc"] if r["acc"] == r["acc"] else -1.0), r["variant"], r["setting"]))
     return rows, bins
-
-
-def _name(row: dict[str, Any]) -> str:
-    return f"{row['variant']} [{row['setting']}]" if row["setting"] else row["variant"]
 
 
 def _pct(mean: float, sd: float, k: int) -> str:
@@ -107,7 +94,7 @@ def table(rows: list[dict[str, Any]], bins: list[tuple[float, float]]) -> str:
     header = (["variant", "seeds", "best val top-1 (%)"]
               + [f"{lo:.0f}-{hi:.0f} px (n={n[i][3]})" for i, (lo, hi) in enumerate(bins)]
               + ["images/s", "s / run"])
-    body = [[_name(r), r["seeds"], _pct(r["acc"], r["acc_sd"], r["seeds"])]
+    body = [[row_name(r), r["seeds"], _pct(r["acc"], r["acc_sd"], r["seeds"])]
             + [_pct(m, s, k) for m, s, k, _ in r["bins"]]
             + [f"{r['ips']:.0f}" if r["ips"] == r["ips"] else "n/a",
                f"{r['wall']:.0f}" if r["wall"] == r["wall"] else "n/a"] for r in rows]
@@ -123,13 +110,13 @@ def plot(rows: list[dict[str, Any]], bins: list[tuple[float, float]], path: Path
 
     from vision_attn.visualize import series_styles
 
-    style = series_styles([_name(r) for r in rows])
+    style = series_styles([row_name(r) for r in rows])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     centres = [(lo + hi) / 2 for lo, hi in bins]
     for r in rows:
         ys = [100 * m for m, _, _, _ in r["bins"]]
         err = [100 * s for _, s, _, _ in r["bins"]]
-        ax.errorbar(centres, ys, yerr=err, capsize=3, markersize=6, label=_name(r), **style[_name(r)])
+        ax.errorbar(centres, ys, yerr=err, capsize=3, markersize=6, label=row_name(r), **style[row_name(r)])
     ax.axhline(50, color="grey", linestyle=":", linewidth=1, label="chance")
     ax.set_xlabel("distance between the two disks' centres (px)")
     ax.set_ylabel("best val top-1 (%)")
