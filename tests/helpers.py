@@ -22,9 +22,10 @@ from vision_attn.attention import AttnSpec, create_attention
 # ----------------------------------------------------------------------------- config (conf/)
 
 
-def cfg_with(*overrides: str):
+def cfg_with(*overrides: str, hydra: bool = False):
+    """conf/config.yaml with ``overrides``; ``hydra``: with the ``hydra`` node (sweeper params, run dir)."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 # ----------------------------------------------------------------------------- train.py runs

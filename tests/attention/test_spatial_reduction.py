@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
 from helpers import attention_module as module
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 from hydra.utils import instantiate
 from reference import spatial_reduction_reference
 
@@ -84,8 +83,7 @@ def test_sr_pool_avg_equals_conv_pooling_with_uniform_weights_on_whole_cells(r: 
 
 
 def test_sr_pool_from_the_config_reaches_every_block_and_drops_the_conv_weights():
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["model=swin_sr", "model.sr_pool=avg", "data.image_size=64"])
+    cfg = cfg_with("model=swin_sr", "model.sr_pool=avg", "data.image_size=64")
     model = instantiate(cfg.module).model
     assert {b.attn.sr_pool for st in model.layers for b in st.blocks} == {"avg"}
     conv = va.create_model("swin_sr", "pico", img_size=64, num_classes=cfg.data.num_classes)

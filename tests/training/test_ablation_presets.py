@@ -5,9 +5,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from conftest import ROOT
-from helpers import far_disks, pixel_gap
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with, far_disks, pixel_gap
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -19,11 +17,6 @@ LOCAL = ("swin", "swin_window", "swin_local", "swin_dilated")
 VARIANTS = {"swin", "swin_window", "swin_local", "swin_dilated", "maxvit_like", "swin_global_tokens", "swin_global"}
 
 
-def compose_preset(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
-
-
 def stage_px(stage: str) -> int:
     """The widest reach in pixels a stage's summary line names (``"... window 7 (224 px) / ..."``)."""
     return max(int(px) for px in re.findall(r"\((\d+) px\)", stage))
@@ -31,7 +24,7 @@ def stage_px(stage: str) -> int:
 
 
 def test_448_ablation_puts_the_evidence_beyond_every_stage_of_every_local_kind():
-    cfg = compose_preset("experiment=attention_ablation_448", hydra=True)
+    cfg = cfg_with("experiment=attention_ablation_448", hydra=True)
     params = cfg.hydra.sweeper.params
     assert set(params.model.split(",")) == VARIANTS
     assert params.seed == "0,1,2" and list(params)[0] == "seed"  # seeds slowest: a cut-short sweep stays paired
@@ -43,7 +36,7 @@ def test_448_ablation_puts_the_evidence_beyond_every_stage_of_every_local_kind()
     gap = min(pixel_gap(*far_disks(render(cfg.data.seed, "val", i, size, task="far")[0])) for i in range(16))
     assert gap >= 232  # 0.52 x 448 = 233, less a pixel of rounding
     for variant in sorted(VARIANTS):
-        reach = instantiate(compose_preset("experiment=attention_ablation_448", f"model={variant}").module
+        reach = instantiate(cfg_with("experiment=attention_ablation_448", f"model={variant}").module
                             ).model.stage_reach(size)
         assert [s.split(" tokens")[0] for s in reach] == ["112x112", "56x56", "28x28", "14x14"], reach
         if variant in LOCAL:
@@ -61,13 +54,13 @@ def test_448_ablation_puts_the_evidence_beyond_every_stage_of_every_local_kind()
 
 
 def test_memory_preset_keeps_the_two_disks_in_different_tiles():
-    cfg = compose_preset("experiment=attention_ablation_448_memory", hydra=True)
+    cfg = cfg_with("experiment=attention_ablation_448_memory", hydra=True)
     params = cfg.hydra.sweeper.params
     assert list(params) == ["seed", "model.memory_tokens"] and params.seed == "0,1,2"
     assert set(params["model.memory_tokens"].split(",")) == {"8", "0"}
     size, tile = cfg.data.image_size, cfg.model.tile_size
     assert (size, tile, cfg.data.task, cfg.model.variant) == (512, 128, "far_dense", "swin_local")
-    main = compose_preset("experiment=attention_ablation_448")
+    main = cfg_with("experiment=attention_ablation_448")
     for key in ("data.batch_size", "data.train_size", "trainer.max_epochs", "optim.lr"):  # the 448 preset's budget
         assert OmegaConf.select(cfg, key) == OmegaConf.select(main, key), key
     for i in range(12):
@@ -75,7 +68,7 @@ def test_memory_preset_keeps_the_two_disks_in_different_tiles():
         tiles_a = {(y // tile, x // tile) for y, x in zip(*a["pixels"])}
         tiles_b = {(y // tile, x // tile) for y, x in zip(*b["pixels"])}
         assert not tiles_a & tiles_b, (i, tiles_a, tiles_b)
-    with_memory = instantiate(compose_preset("experiment=attention_ablation_448_memory",
+    with_memory = instantiate(cfg_with("experiment=attention_ablation_448_memory",
                                              "model.memory_tokens=8").module).model
     assert with_memory.streams
     assert with_memory.stage_reach(size)[0] == "32x32 tokens: kernel 7 (28 px) + 8 memory tokens"  # one tile's map

@@ -3,17 +3,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 from hydra.utils import instantiate
 
 from vision_attn.binned import accuracy_by_bins
 from vision_attn.errors import ConfigError
-
-
-def compose_preset(*overrides: str, hydra: bool = False):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def test_accuracy_by_bins_hand_computed():
@@ -31,7 +25,7 @@ def test_accuracy_by_bins_hand_computed():
 
 
 def test_module_keeps_the_best_val_epochs_per_sample_correctness():
-    module = instantiate(compose_preset("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
+    module = instantiate(cfg_with("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
     epochs = [([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]], [0, 1, 1]),  # right, right, wrong: 2/3
               ([[2.0, 0.0], [1.0, 0.0], [3.0, 1.0]], [0, 1, 1]),  # 1/3: worse, not kept
               ([[2.0, 0.0], [0.0, 1.0], [0.0, 3.0]], [0, 1, 1])]  # 3/3: kept
@@ -45,7 +39,7 @@ def test_module_keeps_the_best_val_epochs_per_sample_correctness():
     assert kept == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)  # a resumed run keeps it
-    resumed = instantiate(compose_preset("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
+    resumed = instantiate(cfg_with("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.best_val_correct.tolist() == [1.0, 1.0, 1.0]
 
@@ -53,7 +47,7 @@ def test_module_keeps_the_best_val_epochs_per_sample_correctness():
 def test_dense_targets_train_a_1x1_head_on_the_last_stage_tokens():
     """A (B, h, w) target: the loss and top-1 cover only the labelled tokens (target >= 0), read by the
     head's linear layer on each last-stage token; per image, the share of its labelled tokens right."""
-    module = instantiate(compose_preset("data=shapes_far_dense", "data.image_size=64", "model.embed_dim=16").module)
+    module = instantiate(cfg_with("data=shapes_far_dense", "data.image_size=64", "model.embed_dim=16").module)
     module.eval()  # no drop path: the same logits twice
     torch.manual_seed(0)
     images = torch.randn(2, 3, 64, 64)
