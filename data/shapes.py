@@ -242,7 +242,7 @@ class ShapesDataset(Dataset):
     def evidence_distances(self) -> np.ndarray | None:
         """Per sample, the distance between the evidence (px; ``task="far"``: centre to centre), in
         index order, or None for tasks that do not record it."""
-        if getattr(self, "task", "direction") not in ("far", "far_dense"):
+        if self.task not in ("far", "far_dense"):
             return None
         return np.array([far_evidence(self.seed, self.split, i, self.image_size)["distance"]
                          for i in range(self.length)])

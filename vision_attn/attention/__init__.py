@@ -7,14 +7,14 @@ from .lsh import LSHAttention, lsh_attention
 from .neighborhood import DilatedNeighborhoodAttention, NeighborhoodAttention, neighborhood_attention
 from .options import KindOptions, option
 from .registry import (
-                       AttnSpec,
-                       attention_class,
-                       attention_kinds,
-                       create_attention,
-                       option_keys,
-                       register_attention,
-                       stage_options,
-                       validate_options,
+    AttnSpec,
+    attention_class,
+    attention_kinds,
+    create_attention,
+    option_keys,
+    register_attention,
+    stage_options,
+    validate_options,
 )
 from .rel_pos import bias_grid, resize_bias_table
 from .routed import RoutedAttention, routed_attention
