@@ -106,10 +106,6 @@ def _validate_global_tokens(kwargs: dict[str, Any]) -> None:
     """``model.global_tokens`` (and memory tokens): counts, and kinds that can read them."""
     if "global_tokens" in kwargs:
         _positive(kwargs, "global_tokens", minimum=0)
-        value = kwargs["global_tokens"]
-        if isinstance(value, (list, tuple)) and len(value) != len(kwargs["depths"]):
-            raise ConfigError(f"model.global_tokens={list(value)} must be an integer or one per stage "
-                              f"({len(kwargs['depths'])})")
     tokens = kwargs.get("global_tokens", 0)
     for key, value in (("global_tokens", tokens), ("memory_tokens", kwargs.get("memory_tokens", 0))):
         if not (any(value) if isinstance(value, (list, tuple)) else value):
@@ -166,9 +162,10 @@ STEMS, DOWNSAMPLERS = ("patch", "conv"), ("merge", "conv")
 
 def _validate_per_stage(kwargs: dict[str, Any], stages: int) -> None:
     """Per-stage lists have one entry per stage; dilations are integers >= 1; layer choices exist."""
-    value = kwargs.get("kernel_size")
-    if isinstance(value, (list, tuple)) and len(value) != stages:
-        raise ConfigError(f"model.kernel_size={list(value)} must be an integer or one per stage ({stages})")
+    for key in ("kernel_size", "global_tokens"):
+        value = kwargs.get(key)
+        if isinstance(value, (list, tuple)) and len(value) != stages:
+            raise ConfigError(f"model.{key}={list(value)} must be an integer or one per stage ({stages})")
     dilations = kwargs.get("dilations")
     if dilations is not None:
         ok = isinstance(dilations, (list, tuple)) and len(dilations) == stages and all(
