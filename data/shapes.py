@@ -49,6 +49,7 @@ MATCH_CLASSES = ("same colour, same shape", "same colour, other shape", "other c
 SIDE_CLASSES = ("east", "west")
 FAR_CLASSES = ("same colour", "other colour")
 FAR_DENSE_CLASSES = ("the other disk is red", "the other disk is blue")
+FAR_TASKS = ("far", "far_dense")  # the two-disk images (their evidence geometry: far_evidence)
 TASKS = {"direction": CLASSES, "match": MATCH_CLASSES, "side": SIDE_CLASSES, "far": FAR_CLASSES,
          "far_dense": FAR_DENSE_CLASSES}
 DENSE_STRIDE = 32  # far_dense: pixels per target cell, the last stage's token (patch 4 x 2^3 merges)
@@ -143,7 +144,7 @@ def _layout(rng: np.random.Generator, label: int, size: int, sectors: int = 8,
 def render(seed: int, split: str, index: int, size: int, task: str = "direction") -> tuple[np.ndarray, int]:
     """Render image ``index`` of ``split`` as uint8 ``(size, size, 3)`` and its label (``task``: see above)."""
     rng = np.random.default_rng([seed, SPLITS[split], index])
-    if task in ("far", "far_dense"):
+    if task in FAR_TASKS:
         ev = _far_layout(rng, size)
         img = _paint(rng, size, [(0, ev["ax"], ev["ay"], ev["r"], FAR_PALETTE[ev["colour_a"]]),
                                  (0, ev["bx"], ev["by"], ev["r"], FAR_PALETTE[ev["colour_b"]])])
@@ -242,7 +243,7 @@ class ShapesDataset(Dataset):
     def evidence_distances(self) -> np.ndarray | None:
         """Per sample, the distance between the evidence (px; ``task="far"``: centre to centre), in
         index order, or None for tasks that do not record it."""
-        if self.task not in ("far", "far_dense"):
+        if self.task not in FAR_TASKS:
             return None
         return np.array([far_evidence(self.seed, self.split, i, self.image_size)["distance"]
                          for i in range(self.length)])
