@@ -43,26 +43,28 @@ TINY = [
 ]
 
 
-def inspect_wandb(run_dir: Path) -> dict:
-    """``python -m wandb leet inspect --summary --json`` on the offline run under ``run_dir``."""
+def _leet_inspect(run_dir: Path, *flags: str) -> str:
+    """``python -m wandb leet inspect <flags> --json`` on the one offline run under ``run_dir``: its stdout."""
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, f"expected one offline run in {run_dir / 'wandb'}, found {runs}"
     proc = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--summary", "--json", str(runs[0])],
+        [sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(runs[0])],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return proc.stdout
+
+
+def inspect_wandb(run_dir: Path) -> dict:
+    """The offline run's summary, config and state (``leet inspect --summary``)."""
+    return json.loads(_leet_inspect(run_dir, "--summary"))
 
 
 def wandb_records(run_dir: Path, kind: str) -> list[dict]:
     """Records of one type from ``wandb leet inspect --json`` (the raw transaction log)."""
-    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
-    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(runs[0])],
-                          capture_output=True, text=True, timeout=120)
-    return [r for r in map(json.loads, proc.stdout.splitlines()) if r.get("type") == kind]
+    return [r for r in map(json.loads, _leet_inspect(run_dir).splitlines()) if r.get("type") == kind]
 
 
 def final_metrics(out: str) -> dict[str, float]:
