@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 
@@ -103,10 +103,9 @@ def test_a_kinds_keys_live_in_the_yaml_of_the_variant_that_uses_it():
     for variant, kind in (("swin_lsh", "lsh"), ("swin_sr", "spatial_reduction"), ("swin_routed", "routed")):
         assert _yaml_keys(variant) - {"variant"} == set(attention_class(kind).options_class.keys()), variant
         assert VARIANTS[variant]["block_pattern"] == [kind]
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["model=swin_lsh", "model.lsh_chunk=8", "data.image_size=32"])
-        with pytest.raises(ConfigCompositionException, match="lsh_chunk"):
-            compose("config", overrides=["model=swin", "model.lsh_chunk=8"])
+    cfg = cfg_with("model=swin_lsh", "model.lsh_chunk=8", "data.image_size=32")
+    with pytest.raises(ConfigCompositionException, match="lsh_chunk"):
+        cfg_with("model=swin", "model.lsh_chunk=8")
     assert {b.attn.chunk for st in instantiate(cfg.module).model.layers for b in st.blocks} == {8}
 
 

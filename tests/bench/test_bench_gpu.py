@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 
 from vision_attn.attention import attention_kinds, backends
 from vision_attn.bench import gpu
@@ -241,10 +241,7 @@ def test_kernel_labels_from_profiler_op_names() -> None:
 
 def test_subprocess_rows_compose_to_the_intended_configs(tmp_path: Path) -> None:
     """The CUDA-only train.py commands are valid overrides of conf/ (checked here, before a GPU run)."""
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        ddp = compose("config", overrides=gpu.DDP_TRAIN)
-        e2e = compose("config", overrides=gpu.GPU_TRAIN)
-        cpu = compose("config", overrides=gpu.CPU_TRAIN)
+    ddp, e2e, cpu = (cfg_with(*overrides) for overrides in (gpu.DDP_TRAIN, gpu.GPU_TRAIN, gpu.CPU_TRAIN))
     assert (ddp.trainer.strategy, ddp.trainer.devices, ddp.trainer.accelerator) == ("ddp", 1, "gpu")
     assert ddp.trainer.precision == "bf16-mixed" and ddp.trainer.max_epochs == 1
     assert (e2e.trainer.accelerator, e2e.trainer.precision, e2e.trainer.max_epochs) == ("gpu", "bf16-mixed", 1)

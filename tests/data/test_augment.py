@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 from hydra.utils import instantiate
 from timm.data.auto_augment import RandAugment
 from torchvision.transforms import RandomHorizontalFlip
@@ -16,11 +15,6 @@ from data.augment import RECIPES, AugmentConfig, auto_recipe
 from data.fakes import make_imagefolder
 from data.modules import ImageFolderDataModule
 from vision_attn.errors import ConfigError, config_error_in
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 def steps(dm) -> list:
@@ -41,7 +35,7 @@ def test_auto_rule_and_its_reason():
 
 
 def test_imagefolder_default_is_auto_and_picks_light_for_a_small_folder_and_says_why(tree, caplog):
-    cfg = compose_cfg("data=imagefolder", f"data.root={tree}", "data.num_workers=0", "data.image_size=32")
+    cfg = cfg_with("data=imagefolder", f"data.root={tree}", "data.num_workers=0", "data.image_size=32")
     dm = instantiate(cfg.data)
     assert dm.augment.recipe == "auto"
     with caplog.at_level(logging.INFO):
@@ -64,7 +58,7 @@ def test_auto_picks_imagenet_for_a_large_split(tree, monkeypatch):
 
 @pytest.mark.parametrize("recipe", ["imagenet", "light"])
 def test_augment_group_selects_a_recipe_and_explicit_keys_beat_it(tree, recipe):
-    cfg = compose_cfg("data=imagefolder", f"data.root={tree}", f"augment={recipe}", "data.augment.reprob=0.5")
+    cfg = cfg_with("data=imagefolder", f"data.root={tree}", f"augment={recipe}", "data.augment.reprob=0.5")
     dm = instantiate(cfg.data)
     expected = {**RECIPES[recipe], "reprob": 0.5}
     assert dm.augment.recipe == recipe
@@ -73,7 +67,7 @@ def test_augment_group_selects_a_recipe_and_explicit_keys_beat_it(tree, recipe):
 
 
 def test_flips_are_the_datasets_choice_whatever_the_recipe(tree):
-    cfg = compose_cfg("data=imagefolder", f"data.root={tree}", "augment=imagenet", "data.augment.hflip=0.0")
+    cfg = cfg_with("data=imagefolder", f"data.root={tree}", "augment=imagenet", "data.augment.hflip=0.0")
     dm = instantiate(cfg.data)
     assert dm.augment.hflip == 0.0 and not any(isinstance(t, RandomHorizontalFlip) for t in steps(dm))
     assert all("hflip" not in recipe for recipe in RECIPES.values())
@@ -81,21 +75,21 @@ def test_flips_are_the_datasets_choice_whatever_the_recipe(tree):
 
 def test_big_datasets_name_their_recipe():
     for data in ("imagenet", "food101", "inat2021", "cifar10"):
-        assert compose_cfg(f"data={data}").data.augment.recipe == "imagenet", data
-    assert compose_cfg("data=flowers102").data.augment.recipe == "light"
+        assert cfg_with(f"data={data}").data.augment.recipe == "imagenet", data
+    assert cfg_with("data=flowers102").data.augment.recipe == "light"
 
 
 def test_unknown_recipe_and_per_image_recipe_on_shapes_name_the_key(tree):
     with pytest.raises(ConfigError, match=r"data.augment.recipe='heavy' is not a recipe; choose augment=imagenet"):
         AugmentConfig.from_mapping({"recipe": "heavy"})
-    cfg = compose_cfg("data=shapes", "augment=light")
+    cfg = cfg_with("data=shapes", "augment=light")
     with pytest.raises(Exception) as info:
         instantiate(cfg.data)
     assert "augment=light" in str(config_error_in(info.value)) and "batch-level" in str(config_error_in(info.value))
 
 
 def test_randaugment_off_beats_the_recipe(tree):
-    cfg = compose_cfg("data=imagefolder", f"data.root={tree}", "augment=imagenet", "data.augment.randaugment=off")
+    cfg = cfg_with("data=imagefolder", f"data.root={tree}", "augment=imagenet", "data.augment.randaugment=off")
     dm = instantiate(cfg.data)
     assert dm.augment.randaugment is None and dm.augment.mixup == 0.8
     assert not any(isinstance(t, RandAugment) for t in steps(dm))

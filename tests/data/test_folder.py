@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -32,8 +31,7 @@ def tree(tmp_path) -> Path:
 
 
 def compose_data(*overrides: str):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["data=imagefolder", *overrides])
+    return cfg_with("data=imagefolder", *overrides)
 
 
 def test_missing_root_is_a_config_error_naming_the_path_and_the_layout(tmp_path):

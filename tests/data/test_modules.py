@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from helpers import cfg_with
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torchvision import datasets as tvd
@@ -61,8 +62,7 @@ def check_labels_by_content(dm, split: str = "val", classes: int = 3) -> list[in
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_every_dataset_config_composes_and_names_a_missing_root_with_the_fix(name, tmp_path):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"data={name}", f"data.root={tmp_path / 'missing'}"])
+    cfg = cfg_with(f"data={name}", f"data.root={tmp_path / 'missing'}")
     for key in ("root", "image_size", "batch_size", "num_workers", "augment"):
         assert key in cfg.data, key
     assert ("download" in cfg.data) == (name not in ("imagefolder", "imagenet"))
@@ -75,8 +75,7 @@ def test_every_dataset_config_composes_and_names_a_missing_root_with_the_fix(nam
 
 @pytest.mark.parametrize("name", DATASETS)
 def test_no_data_root_at_all_is_a_config_error_naming_the_key(name):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"data={name}"])
+    cfg = cfg_with(f"data={name}")
     with pytest.raises(Exception) as info:
         instantiate(cfg.data)
     error = config_error_in(info.value)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 from helpers import cfg_with
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -124,9 +123,8 @@ def test_resolved_config_is_plain_yaml():
 def test_optuna_and_slurm_presets_compose_to_their_plugins():
     from hydra.utils import get_class
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        optuna = compose("config", overrides=["hparams_search=optuna"], return_hydra_config=True)
-        slurm = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
+    optuna = cfg_with("hparams_search=optuna", hydra=True)
+    slurm = cfg_with("launcher=slurm", hydra=True)
     sweeper = optuna.hydra.sweeper
     assert get_class(sweeper._target_).__name__ == "OptunaSweeper" and sweeper.direction == "maximize"
     assert set(sweeper.params) == {"optim.lr", "optim.weight_decay", "model.drop_path_rate"}
@@ -139,16 +137,14 @@ def test_optuna_and_slurm_presets_compose_to_their_plugins():
 
 
 def test_attention_ablation_sweeps_every_variant_at_comparable_size():
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=attention_ablation"], return_hydra_config=True)
+    cfg = cfg_with("experiment=attention_ablation", hydra=True)
     params = cfg.hydra.sweeper.params
     variants = params.model.split(",")
     assert set(variants) == set(VARIANTS) and params.seed == "0,1,2"
     assert set(params.data.split(",")) == {"shapes", "photos"}
     counts = {}
     for variant in variants:
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            c = compose("config", overrides=["experiment=attention_ablation", f"model={variant}"])
+        c = cfg_with("experiment=attention_ablation", f"model={variant}")
         counts[variant] = sum(p.numel() for p in instantiate(c.module).model.parameters())
     assert max(counts.values()) <= 1.1 * min(counts.values()), counts
 
@@ -162,8 +158,7 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
 
     from data.shapes import render
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=attention_ablation_hires"], return_hydra_config=True)
+    cfg = cfg_with("experiment=attention_ablation_hires", hydra=True)
     params = cfg.hydra.sweeper.params
     assert set(params.model.split(",")) == {"swin", "swin_window", "swin_local", "swin_dilated", "maxvit_like",
                                             "swin_global_tokens", "swin_global"}
@@ -173,8 +168,7 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
     gap = min(math.hypot(*(np.subtract(*objects(render(0, "val", i, size, task="side")[0]))))
               for i in range(20))
     for variant in params.model.split(","):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            c = compose("config", overrides=["experiment=attention_ablation_hires", f"model={variant}"])
+        c = cfg_with("experiment=attention_ablation_hires", f"model={variant}")
         reach = instantiate(c.module).model.stage_reach(size)
         assert reach[0].startswith(f"{size // 4}x{size // 4} tokens"), reach
         if variant in ("swin", "swin_window", "swin_local", "swin_dilated"):

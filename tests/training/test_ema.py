@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 from fault_helpers import Crash, CrashAtStep
+from helpers import cfg_with
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from data.datamodule import ShapesDataModule
@@ -123,16 +124,11 @@ def test_ema_decay_key():
 
 
 def test_ema_decay_config_key_adds_or_leaves_out_the_callback():
-    from conftest import ROOT
-    from hydra import compose, initialize_config_dir
-
     from vision_attn.run import instantiate_group
 
     for decay, expected in ((None, 0), (0.99, 1)):
-        with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"ema_decay={'null' if decay is None else decay}",
-                                               "callbacks.checkpoint=null", "callbacks.fault_tolerance=null",
-                                               "callbacks.images=null"])
+        cfg = cfg_with(f"ema_decay={'null' if decay is None else decay}", "callbacks.checkpoint=null",
+                       "callbacks.fault_tolerance=null", "callbacks.images=null")
         callbacks = instantiate_group(cfg.callbacks)
         found = [c for c in callbacks if isinstance(c, EMA)]
         assert len(found) == expected and all(c is not None for c in callbacks)

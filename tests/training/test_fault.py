@@ -19,8 +19,7 @@ import pytest
 import torch
 from conftest import ROOT, run_train
 from fault_helpers import Crash, CrashAtStep, SigtermAt
-from helpers import TINY, final_metrics
-from hydra import compose, initialize_config_dir
+from helpers import TINY, cfg_with, final_metrics
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from data.datamodule import ShapesDataModule
@@ -400,8 +399,7 @@ def test_slurm_preset_gives_requeueing_to_lightning_alone():
     from lightning.fabric.plugins.environments import SLURMEnvironment
     from submitit.slurm.slurm import _make_sbatch_string
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=["launcher=slurm"], return_hydra_config=True)
+    cfg = cfg_with("launcher=slurm", hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher.max_num_timeout == 0
     sbatch = _make_sbatch_string(command="python x.py", folder="/tmp/sub", signal_delay_s=launcher.signal_delay_s,

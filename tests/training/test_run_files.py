@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
+from helpers import cfg_with
 from hydra.core.hydra_config import HydraConfig
 
 from vision_attn import callbacks, loggers
@@ -121,8 +120,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 def test_results_json_is_never_left_half_written(tmp_path, monkeypatch):
     from vision_attn import run as train
 
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"hydra.runtime.output_dir={tmp_path}"], return_hydra_config=True)
+    cfg = cfg_with(f"hydra.runtime.output_dir={tmp_path}", hydra=True)
     HydraConfig.instance().set_config(cfg)
     trainer = types.SimpleNamespace(checkpoint_callback=None, current_epoch=3, world_size=1)
     module = types.SimpleNamespace(summary=None, hparams={"num_classes": 8})
