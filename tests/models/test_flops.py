@@ -135,7 +135,5 @@ def test_the_fused_kernel_has_a_flop_formula_for_any_flop_counter() -> None:
 @pytest.mark.parametrize("variant", NEW_VARIANTS)
 def test_flop_summary_of_every_new_variant(variant: str) -> None:
     """The run summary (torch's flop counter, module hooks under no_grad) works for each variant."""
-    from vision_attn.summary import summarize
-
     summary = summarize(va.create_model(variant, "pico", num_classes=3, img_size=32), 32)
     assert summary.params > 0 and summary.gflops > 0

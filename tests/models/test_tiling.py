@@ -156,7 +156,6 @@ def test_state_lives_in_the_batch_not_the_module() -> None:
     out_a = model(a)
     model(b)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not list(model.buffers()) or all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     resumed = _copy(_model(tile_size=32, memory_tokens=2), model)
     torch.testing.assert_close(resumed(a), out_a, rtol=0, atol=0)
     torch.testing.assert_close(model(torch.cat([a, b]))[:1], out_a, rtol=0, atol=1e-5)
