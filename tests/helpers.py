@@ -73,6 +73,11 @@ def final_metrics(out: str) -> dict[str, float]:
     return {k: float(v) for k, v in re.findall(r"(\S+)=([-\d.naif]+)", line.split("final metrics:", 1)[1])}
 
 
+def stage_px(stage: str) -> int:
+    """The widest reach in pixels a stage's summary line names (``"... window 7 (224 px) / ..."``)."""
+    return max(int(px) for px in re.findall(r"\((\d+) px\)", stage))
+
+
 # ----------------------------------------------------------------------------- the shapes dataset
 
 

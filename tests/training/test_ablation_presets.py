@@ -2,25 +2,17 @@
 local kinds, the evidence lies beyond every stage's reach, the memory preset keeps the disks in different tiles."""
 from __future__ import annotations
 
-import re
-
 import numpy as np
-from helpers import cfg_with, far_disks, pixel_gap
+from helpers import cfg_with, far_disks, pixel_gap, stage_px
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from data.shapes import far_bin_edges, render
+from data.shapes import far_bin_edges, far_evidence, render
 from vision_attn.binned import accuracy_by_bins
 
 LOCAL = ("swin", "swin_window", "swin_local", "swin_dilated")
 
 VARIANTS = {"swin", "swin_window", "swin_local", "swin_dilated", "maxvit_like", "swin_global_tokens", "swin_global"}
-
-
-def stage_px(stage: str) -> int:
-    """The widest reach in pixels a stage's summary line names (``"... window 7 (224 px) / ..."``)."""
-    return max(int(px) for px in re.findall(r"\((\d+) px\)", stage))
-
 
 
 def test_448_ablation_puts_the_evidence_beyond_every_stage_of_every_local_kind():
@@ -68,15 +60,13 @@ def test_memory_preset_keeps_the_two_disks_in_different_tiles():
         tiles_a = {(y // tile, x // tile) for y, x in zip(*a["pixels"])}
         tiles_b = {(y // tile, x // tile) for y, x in zip(*b["pixels"])}
         assert not tiles_a & tiles_b, (i, tiles_a, tiles_b)
-    with_memory = instantiate(cfg_with("experiment=attention_ablation_448_memory",
-                                             "model.memory_tokens=8").module).model
+    memory_cfg = cfg_with("experiment=attention_ablation_448_memory", "model.memory_tokens=8")
+    with_memory = instantiate(memory_cfg.module).model
     assert with_memory.streams
     assert with_memory.stage_reach(size)[0] == "32x32 tokens: kernel 7 (28 px) + 8 memory tokens"  # one tile's map
 
 
 def test_far_bins_at_448_cover_every_val_sample():
-    from data.shapes import far_evidence
-
     dist = [far_evidence(0, "val", i, 448)["distance"] for i in range(1000)]
     rows = accuracy_by_bins(dist, np.ones(1000, bool), far_bin_edges(448))
     assert [(r["lo"], r["hi"]) for r in rows] == [(291.2, 336.0), (336.0, 380.8), (380.8, 425.6), (425.6, 542.1)]

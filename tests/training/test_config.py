@@ -13,7 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 from conftest import ROOT
-from helpers import cfg_with
+from helpers import cfg_with, objects, stage_px
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -152,10 +152,6 @@ def test_attention_ablation_sweeps_every_variant_at_comparable_size():
 def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
     """experiment=attention_ablation_hires: the issue's seven variants, 3 seeds, >= 192 px, on a task whose
     two objects lie farther apart than every local kind's stage-1 and stage-2 reach."""
-    import re
-
-    from helpers import objects
-
     from data.shapes import render
 
     cfg = cfg_with("experiment=attention_ablation_hires", hydra=True)
@@ -173,7 +169,7 @@ def test_high_resolution_ablation_needs_reach_beyond_the_first_two_stages():
         assert reach[0].startswith(f"{size // 4}x{size // 4} tokens"), reach
         if variant in ("swin", "swin_window", "swin_local", "swin_dilated"):
             for stage in reach[:2]:
-                assert max(int(px) for px in re.findall(r"\((\d+) px\)", stage)) < gap, (variant, stage, gap)
+                assert stage_px(stage) < gap, (variant, stage, gap)
         if variant == "swin_global":
             assert all("global" in stage for stage in reach), reach
 
