@@ -1,6 +1,8 @@
 """LightningDataModules."""
 from __future__ import annotations
 
+import functools
+import gc
 import os
 from typing import Any, Mapping, Optional
 
@@ -31,6 +33,22 @@ def usable_workers(requested: int) -> int:
                        f"so {available} loader workers")
         return available
     return requested
+
+
+@functools.cache
+def leave_inherited_objects_to_the_parent() -> None:
+    """Make forked children (our loader workers) never collect the objects they inherit.
+
+    Each worker starts with a copy of the parent's uncollected garbage. When the worker's cyclic
+    GC finalises it, a dead loader iterator's ``__del__`` (one a caught exception's traceback
+    kept in a cycle, say) shuts its workers down from inside the new worker: it writes ``None``
+    to its old index queues by descriptor numbers that the worker has closed, or reused for a
+    batch's shared memory, which then arrives corrupted. PyTorch's DataLoader has no guard
+    against this; ``gc.freeze()`` first thing in the child, as CPython's gc docs advise for fork
+    without exec, leaves those objects out of the child's collections (refcounting still frees
+    them, and what the child creates is collected as usual). Registered once per process.
+    """
+    os.register_at_fork(after_in_child=gc.freeze)
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -70,6 +88,8 @@ class BaseDataModule(L.LightningDataModule):
         workers' base seed from it, never from the global torch RNG that training draws from
         (drop path, random erasing); without it each validation would move the training stream,
         differently with 0 workers, persistent workers and after a resume."""
+        if self.num_workers > 0:
+            leave_inherited_objects_to_the_parent()
         return DataLoader(
             self.splits[split],
             batch_size=self.batch_size,

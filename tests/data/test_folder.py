@@ -4,6 +4,7 @@ exactly with workers), any mode, any size."""
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ import torch
 from helpers import cfg_with
 from hydra.utils import instantiate
 from PIL import Image
+from torch.utils.data import Dataset
 
 from data.decode import CorruptImageError, ImageTooLargeError
 from data.fakes import IMAGENETTE_WNIDS, make_class_tree, make_imagefolder, nearest_photo, photo, save, write_truncated
@@ -190,6 +192,55 @@ def test_skip_corrupt_substitutes_and_counts_exactly_with_workers(tree, num_work
     if num_workers == 0:  # worker processes log to their own stderr
         logged = " ".join(r.getMessage() for r in caplog.records)
         assert all(str(p) in logged for p in bad)
+
+
+class _Finalized:
+    """Garbage in a cycle: finalising it leaves a file named after the process that did."""
+
+    def __init__(self, folder: Path, *held: object) -> None:
+        self.folder, self.held, self.cycle = folder, held, self
+
+    def __del__(self) -> None:
+        (self.folder / str(os.getpid())).touch()
+
+
+class _CollectsGarbage(Dataset):
+    """``dataset`` whose every sample first runs a full GC (in whichever process loads it)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        gc.collect()
+        return self.dataset[index]
+
+
+def test_new_workers_leave_a_dead_iterator_they_inherit_to_the_parent(tree, tmp_path, capfd):
+    """A persistent-worker iterator kept only by a cycle is copied into the next loader's workers at
+    fork. Were it finalised there, its shutdown would write into the worker's descriptors (the flake
+    that put a pickled None into a batch's skip counts): it must be finalised once, in the parent."""
+    dm = ImageFolderDataModule(str(tree), image_size=32, batch_size=4, num_workers=2, skip_corrupt=True)
+    dm.setup()
+    dead = iter(dm.val_dataloader())
+    next(dead)  # its two workers are up
+    finalized = tmp_path / "finalized"
+    finalized.mkdir()
+    gc.disable()  # the parent must not collect the cycle before the new workers fork
+    try:
+        _Finalized(finalized, dead)
+        del dead
+        dm.splits["train"] = _CollectsGarbage(dm.splits["train"])
+        skipped = [int(batch[2].sum()) for batch in dm.train_dataloader()]
+    finally:
+        gc.enable()
+    gc.collect()
+    assert skipped == [0, 0, 0]
+    assert [p.name for p in finalized.iterdir()] == [str(os.getpid())]
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception ignored" not in err
 
 
 def test_skipped_sample_is_replaced_by_the_next_one(tree):
