@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +76,62 @@ def test_gpu_ablation_streams_run_both_presets_with_trainer_gpu_and_a_time_cap(t
     assert len(dry) == 2 and "trainer=default" in dry[0] and "trainer=gpu" not in dry[0]
     assert set(ablation.DRY_RUN) <= set(dry[0]) and "model.tile_size=32" in dry[1]
     assert "trainer.max_time=00:00:10:00" in dry[0]
+
+
+# A stream that ignores SIGTERM, with a child of its own (a sweep job's loader worker, say).
+STUBBORN = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            "open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(60)")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except FileNotFoundError:
+        return True
+
+
+def _stubborn_streams(monkeypatch, tmp_path) -> Path:
+    pid_file = tmp_path / "child.pid"
+    monkeypatch.setattr(ablation, "STOP_GRACE_S", 0.5)
+    monkeypatch.setattr(ablation, "streams", lambda *a: [[sys.executable, "-c", STUBBORN, str(pid_file)],
+                                                         [sys.executable, "-c", "print('finished')"]])
+    return pid_file
+
+
+def _wait_for(path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while not (path.exists() and path.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def test_gpu_ablation_run_stops_streams_over_budget_with_their_children(tmp_path, monkeypatch):
+    pid_file = _stubborn_streams(monkeypatch, tmp_path)
+    notes = ablation.run(tmp_path / "out", cuda=False, budget_s=3.0, run_max_s=60, workers=0)
+    assert notes[:2] == ["stream 0 stopped at the 3 s budget (stream0.log)", "stream 0 exited -9 (stream0.log)"]
+    assert _gone(int(pid_file.read_text()))  # SIGKILL to the whole group after the grace
+    assert (tmp_path / "out" / "stream1.log").read_text() == "finished\n"
+
+
+def test_gpu_ablation_run_interrupted_leaves_no_stream_running(tmp_path, monkeypatch):
+    """The streams have sessions of their own (Ctrl-C does not reach them): the run stops them."""
+    pid_file = _stubborn_streams(monkeypatch, tmp_path)
+    started: list = []
+    real_popen = subprocess.Popen
+
+    def popen(*args, **kwargs):
+        started.append(real_popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    timer = threading.Timer(0.0, lambda: (_wait_for(pid_file), os.kill(os.getpid(), signal.SIGINT)))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        ablation.run(tmp_path / "out", cuda=False, budget_s=120.0, run_max_s=60, workers=0)
+    timer.join()
+    assert len(started) == 2 and all(p.returncode is not None for p in started)
+    assert _gone(int(pid_file.read_text()))
 
 
 def test_report_says_when_the_top1_is_over_dense_cells(tmp_path):

@@ -26,7 +26,9 @@ run, said so in every output: one seed, 64 px, a few images, the same commands o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -179,27 +181,43 @@ def streams(out: Path, cuda: bool, run_max_s: int, workers: int) -> list[list[st
     return cmds
 
 
+STOP_GRACE_S = 60.0  # after SIGTERM, how long a stream may take to stop before SIGKILL
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a stream's whole process group (train.py, its sweep jobs, their loader workers): SIGTERM,
+    so the run in progress stops without a results.json, then SIGKILL after ``STOP_GRACE_S``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def run(out: Path, cuda: bool, budget_s: float, run_max_s: int, workers: int) -> list[str]:
-    """Start every stream at once, wait up to ``budget_s``, stop what still runs. Returns notes."""
+    """Start every stream at once, wait up to ``budget_s``, stop what still runs. Returns notes.
+    Each stream has a session of its own, so Ctrl-C reaches only this process: on any way out
+    (an error, KeyboardInterrupt) the streams still running are stopped, none left on the GPU."""
     out.mkdir(parents=True, exist_ok=True)
-    logs, procs = [], []
-    for i, cmd in enumerate(streams(out, cuda, run_max_s, workers)):
-        log = open(out / f"stream{i}.log", "w")
-        print("+ " + " ".join(cmd), flush=True)
-        logs.append(log)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    start, notes = time.monotonic(), []
-    for i, p in enumerate(procs):
-        try:
-            p.wait(timeout=max(1.0, budget_s - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, 15)  # SIGTERM: the run in progress stops without a results.json
-            p.wait(timeout=60)
-            notes.append(f"stream {i} stopped at the {budget_s:.0f} s budget (stream{i}.log)")
-        if p.returncode not in (0, None, -15, 143):
-            notes.append(f"stream {i} exited {p.returncode} (stream{i}.log)")
-    for log in logs:
-        log.close()
+    with contextlib.ExitStack() as stack:
+        procs: list[subprocess.Popen] = []
+        stack.callback(lambda: [stop(p) for p in procs])
+        for i, cmd in enumerate(streams(out, cuda, run_max_s, workers)):
+            log = stack.enter_context(open(out / f"stream{i}.log", "w"))
+            print("+ " + " ".join(cmd), flush=True)
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        start, notes = time.monotonic(), []
+        for i, p in enumerate(procs):
+            try:
+                p.wait(timeout=max(1.0, budget_s - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                stop(p)
+                notes.append(f"stream {i} stopped at the {budget_s:.0f} s budget (stream{i}.log)")
+            if p.returncode not in (0, -15, 143):
+                notes.append(f"stream {i} exited {p.returncode} (stream{i}.log)")
     notes.append(f"wall time {time.monotonic() - start:.0f} s for {len(procs)} concurrent streams")
     return notes
 
