@@ -37,16 +37,18 @@ def usable_workers(requested: int) -> int:
 
 @functools.cache
 def leave_inherited_objects_to_the_parent() -> None:
-    """Make forked children (our loader workers) never collect the objects they inherit.
+    """Make every child forked from now on (our loader workers; any other fork without exec too)
+    never collect the objects it inherits. Registered once per process.
 
     Each worker starts with a copy of the parent's uncollected garbage. When the worker's cyclic
     GC finalises it, a dead loader iterator's ``__del__`` (one a caught exception's traceback
-    kept in a cycle, say) shuts its workers down from inside the new worker: it writes ``None``
-    to its old index queues by descriptor numbers that the worker has closed, or reused for a
-    batch's shared memory, which then arrives corrupted. PyTorch's DataLoader has no guard
-    against this; ``gc.freeze()`` first thing in the child, as CPython's gc docs advise for fork
-    without exec, leaves those objects out of the child's collections (refcounting still frees
-    them, and what the child creates is collected as usual). Registered once per process.
+    kept in a cycle, say) shuts that iterator's workers down from inside the new worker: it
+    writes ``None`` by the old index queues' descriptor numbers, which in the worker may be
+    closed by then or reused for a batch's shared memory, which then arrives corrupted (seen as a
+    skip count of 5621758989533446192). PyTorch's DataLoader has no guard against this;
+    ``gc.freeze()`` first thing in the child, as CPython's gc docs advise for fork without exec,
+    leaves those objects out of the child's collections (refcounting still frees them, and what
+    the child creates is collected as usual). Spawned workers inherit nothing and are unaffected.
     """
     os.register_at_fork(after_in_child=gc.freeze)
 
