@@ -52,8 +52,9 @@ def test_module_keeps_the_best_val_epochs_per_sample_correctness():
     resumed = instantiate(cfg_with("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.best_val_correct.tolist() == [1.0, 1.0, 1.0] and resumed.best_val_acc1 == 1.0
-    resumed.on_load_checkpoint({"best_val_correct": torch.tensor([1.0, 0.0, 0.0, 0.0])})  # written before the
-    assert resumed.best_val_acc1 == 0.25  # score was kept: the mean
+    # a checkpoint written before the score was kept: the score to beat is its record's mean
+    resumed.on_load_checkpoint({"best_val_correct": torch.tensor([1.0, 0.0, 0.0, 0.0])})
+    assert resumed.best_val_acc1 == 0.25
 
 
 def test_dense_targets_keep_the_epoch_with_the_best_token_accuracy_the_checkpoint_monitors():
