@@ -36,7 +36,8 @@ def _validate(module, images: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 def test_module_keeps_the_best_val_epochs_per_sample_correctness():
-    module = instantiate(cfg_with("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module).eval()
+    cfg = cfg_with("data=shapes_far", "data.image_size=32", "model.embed_dim=16")
+    module = instantiate(cfg.module).eval()
     torch.manual_seed(0)
     images = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -49,7 +50,7 @@ def test_module_keeps_the_best_val_epochs_per_sample_correctness():
     assert kept == [[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]
     checkpoint: dict = {}
     module.on_save_checkpoint(checkpoint)  # a resumed run keeps it, and the score to beat
-    resumed = instantiate(cfg_with("data=shapes_far", "data.image_size=32", "model.embed_dim=16").module)
+    resumed = instantiate(cfg.module)
     resumed.on_load_checkpoint(checkpoint)
     assert resumed.best_val_correct.tolist() == [1.0, 1.0, 1.0] and resumed.best_val_acc1 == 1.0
     # a checkpoint written before the score was kept: the score to beat is its record's mean
